@@ -1,0 +1,237 @@
+"""The `infl` command line: parse options, call one pipeline function, render the result.
+
+No numerical code lives here. Machine output (CSV) goes to files or stdout; tables,
+progress and summaries go to stderr. Exit codes: 0 success, 1 a check failed its
+thresholds, 2 bad usage/config/input, 130 interrupted, 70 an internal error.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, List, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from influence_cli import __version__
+from influence_cli.errors import ConfigError, InflError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+err = Console(stderr=True)
+
+app = typer.Typer(
+    name="infl",
+    help=(
+        "Audit labelled training data with influence functions (EK-FAC): find mislabelled, "
+        "ambiguous or harmful training examples and explain predictions.\n\n"
+        "Without -c every command uses the bundled digits-mlp config (real handwritten "
+        "digits, no download). Exit codes: 0 ok, 1 check failed, 2 bad usage/config/input."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+config_app = typer.Typer(help="List the bundled configs or show a resolved config.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigOption = typer.Option(
+    None, "--config", "-c", help="YAML config file, or the name of a bundled config (see `infl config list`)."
+)
+SetOption = typer.Option(
+    None, "--set", help="Override a config value, e.g. --set train.epochs=5 (repeatable; value read as YAML)."
+)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn core errors into one-line messages and exit codes; never show a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except ConfigError as exc:
+            for line in exc.problems:
+                err.print(f"[bold red]error:[/bold red] {escape(line)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        except InflError as exc:
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow]: finished stages are kept; partial outputs were discarded")
+            raise typer.Exit(130)
+        except Exception as exc:  # a bug: say so in one line, full traceback on request
+            if os.environ.get("INFL_DEBUG"):
+                raise
+            fail(f"internal error: {type(exc).__name__}: {exc} (set INFL_DEBUG=1 for the traceback)", 70)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def open_session(config: Optional[str], overrides: Optional[List[str]]) -> Any:
+    from influence_cli.config import load_config
+    from influence_cli.pipeline import Session
+    from influence_cli.progress import RichReporter
+
+    cfg = load_config(config, overrides or [])
+    return Session(cfg, RichReporter(err))
+
+
+def check_strategy(strategy: Optional[str]) -> Optional[str]:
+    if strategy is None:
+        return None
+    from influence_cli.influence.factors import available_strategies
+
+    names = list(available_strategies())
+    if strategy not in names:
+        raise InflError(f"--strategy: unknown strategy '{strategy}' (choose from {', '.join(names)})")
+    return strategy
+
+
+def model_line(state: Any) -> str:
+    how = "trained" if state.trained_now else "loaded checkpoint"
+    return f"model: {how}; train accuracy {state.train_accuracy:.3f}, test accuracy {state.test_accuracy:.3f}"
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@app.command()
+@handle_errors
+def train(
+    config: Optional[str] = ConfigOption,
+    set_: Optional[List[str]] = SetOption,
+    retrain: bool = typer.Option(False, "--retrain", help="Train again even if a valid checkpoint exists."),
+) -> None:
+    """Train the model (or verify the stored/user checkpoint) and print its accuracy."""
+    from influence_cli.pipeline import ensure_model
+
+    session = open_session(config, set_)
+    start = time.perf_counter()
+    state = ensure_model(session, retrain=retrain)
+    where = session.config.model.checkpoint or str(session.run.checkpoint)
+    err.print(model_line(state), highlight=False)
+    err.print(f"checkpoint: {escape(where)} ({time.perf_counter() - start:.1f} s)", highlight=False)
+
+
+@app.command("fit-factors")
+@handle_errors
+def fit_factors_command(
+    config: Optional[str] = ConfigOption,
+    set_: Optional[List[str]] = SetOption,
+    strategy: Optional[str] = typer.Option(
+        None, "--strategy", "-s", help="Curvature approximation: ekfac (default), kfac, diagonal or identity."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Refit even if factors exist (needed when they are stale)."),
+) -> None:
+    """Fit and store curvature factors (runs training first when needed)."""
+    from influence_cli.pipeline import ensure_factors, ensure_model
+
+    session = open_session(config, set_)
+    strategy = check_strategy(strategy) or session.config.influence.strategy
+    check_strategy(strategy)
+    state = ensure_model(session)
+    err.print(model_line(state), highlight=False)
+    fstate = ensure_factors(session, state, strategy, overwrite=overwrite)
+    if fstate.reused:
+        err.print(f"factors: reusing {escape(str(fstate.directory))} (still valid; --overwrite refits)", highlight=False)
+    else:
+        layers = len(fstate.factors.layers)
+        err.print(
+            f"factors: fitted {strategy} for {layers} layers in {fstate.seconds:.1f} s → {escape(str(fstate.directory))}",
+            highlight=False,
+        )
+
+
+@app.command("self-influence")
+@handle_errors
+def self_influence_command(
+    config: Optional[str] = ConfigOption,
+    set_: Optional[List[str]] = SetOption,
+    top: Optional[int] = typer.Option(None, "--top", "-n", min=1, help="Rows in the table (default audit.top, 20)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Also write the full ranking CSV here ('-' for stdout)."
+    ),
+    strategy: Optional[str] = typer.Option(
+        None, "--strategy", "-s", help="Curvature approximation: ekfac (default), kfac, diagonal or identity."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Refit stale curvature factors instead of refusing."),
+) -> None:
+    """Rank training examples by self-influence and flag likely mislabels.
+
+    Writes runs/<name>/self_influence.csv (all examples, highest first), mislabels.csv
+    (flagged rows) and summary.json, and prints the top rows. Self-influence is
+    g_iᵀ(H + λI)⁻¹g_i ≥ 0: how much the model had to bend to fit example i.
+    """
+    from influence_cli.audit.report import render_class_summary, render_self_influence_table, write_csv
+    from influence_cli.pipeline import run_self_influence
+
+    session = open_session(config, set_)
+    result = run_self_influence(session, check_strategy(strategy), overwrite=overwrite)
+    cfg = session.config
+    err.print(model_line(result.model_state), highlight=False)
+    title = f"{cfg.name}: most self-influential training examples ({result.summary['run']['strategy']})"
+    render_self_influence_table(result.table, top or cfg.audit.top, err, title)
+    render_class_summary(result.summary, err)
+    run_info = result.summary["run"]
+    err.print(
+        f"{run_info['examples']} examples, [bold]{run_info['flagged']} flagged[/bold], "
+        f"{result.seconds:.1f} s → {escape(str(session.run.self_influence_csv))}, {escape(str(session.run.mislabels_csv))}",
+        highlight=False,
+    )
+    if out is not None:
+        if str(out) == "-":
+            result.table.to_csv(sys.stdout, index=False)
+        else:
+            write_csv(result.table, out)
+
+
+@config_app.command("list")
+@handle_errors
+def config_list() -> None:
+    """List the bundled configs (use them with -c NAME)."""
+    from influence_cli.config import DEFAULT_CONFIG, bundled_configs, load_config
+
+    for name, path in sorted(bundled_configs().items()):
+        cfg = load_config(name)
+        mark = " (default)" if name == DEFAULT_CONFIG else ""
+        typer.echo(f"{name}{mark}\t{cfg.data.source} / {cfg.model.arch}")
+
+
+@config_app.command("show")
+@handle_errors
+def config_show(config: Optional[str] = ConfigOption, set_: Optional[List[str]] = SetOption) -> None:
+    """Print the resolved config (defaults filled in, overrides applied) as YAML."""
+    from influence_cli.config import load_config
+
+    typer.echo(load_config(config, set_ or []).to_yaml(), nl=False)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"infl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Show the version."),
+) -> None:
+    """Audit labelled training data with influence functions."""
+
+
+def main() -> None:
+    app(prog_name="infl")

@@ -1,0 +1,315 @@
+"""Experiment configuration: the YAML schema as pydantic models, loading and overrides.
+
+Why pydantic: one place declares every field, its type and default, and unknown keys are
+rejected, so a typo in a config fails loudly instead of being silently ignored. Errors
+are collected and reported all at once as ``<file>: <dotted.path>: <message>``.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from influence_cli.errors import ConfigError
+
+DEFAULT_CONFIG = "digits-mlp"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LabelNoiseConfig(_Strict):
+    """Flip a fraction of the training labels on purpose, to evaluate detection."""
+
+    fraction: float = Field(0.0, ge=0.0, le=1.0)
+    kind: Literal["uniform", "class_conditional"] = "uniform"
+    seed: int = 0
+
+
+class SyntheticConfig(_Strict):
+    """Seeded classification data of any input shape (tests and benchmarks)."""
+
+    num_train: int = Field(1000, ge=1)
+    num_test: int = Field(200, ge=1)
+    shape: list[int] = Field(default_factory=lambda: [20])
+    num_classes: int = Field(10, ge=2)
+    separation: float = Field(2.0, ge=0.0, description="distance between class means, in noise std units")
+
+
+class DataConfig(_Strict):
+    source: Literal[
+        "digits", "mnist", "fashion_mnist", "cifar10", "image_folder", "csv_manifest", "table", "synthetic"
+    ] = "digits"
+    root: Optional[str] = Field(None, description="folder of torchvision datasets (mnist, fashion_mnist, cifar10)")
+    download: bool = Field(False, description="let torchvision download the dataset into root")
+    path: Optional[str] = Field(None, description="image folder, CSV manifest or table CSV holding all examples")
+    train_path: Optional[str] = Field(None, description="separate training folder/file (with test_path)")
+    test_path: Optional[str] = Field(None, description="separate test folder/file (with train_path)")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="stratified, seeded test split when one path is given")
+    label_column: str = "label"
+    id_column: Optional[str] = None
+    feature_columns: Optional[list[str]] = None
+    image_size: Optional[list[int]] = Field(None, description="[height, width] to resize images to")
+    grayscale: bool = False
+    standardize: bool = True
+    limit: Optional[int] = Field(None, ge=1, description="use only the first N training examples")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    label_noise: LabelNoiseConfig = Field(default_factory=LabelNoiseConfig)
+
+    @field_validator("image_size")
+    @classmethod
+    def _two_sizes(cls, value: Optional[list[int]]) -> Optional[list[int]]:
+        if value is not None and (len(value) != 2 or min(value) < 1):
+            raise ValueError("must be [height, width] with positive integers")
+        return value
+
+    @model_validator(mode="after")
+    def _paths_fit_source(self) -> "DataConfig":
+        file_sources = {"image_folder", "csv_manifest", "table"}
+        if self.source in file_sources:
+            if (self.train_path is None) != (self.test_path is None):
+                raise ValueError("give both train_path and test_path, or path with test_fraction")
+            if self.path is None and self.train_path is None:
+                raise ValueError(f"source '{self.source}' needs data.path (or data.train_path and data.test_path)")
+        return self
+
+
+class ModelConfig(_Strict):
+    arch: str = Field("mlp", description="mlp, cnn, a torchvision model name (resnet18, ...), or factory")
+    hidden_sizes: list[int] = Field(default_factory=lambda: [128], description="mlp hidden layer widths")
+    channels: list[int] = Field(default_factory=lambda: [32, 64], description="cnn conv channels")
+    factory: Optional[str] = Field(None, description="'package.module:function' returning an nn.Module")
+    factory_path: Optional[str] = Field(None, description="folder put on sys.path before importing the factory")
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: Optional[str] = Field(None, description="load this state_dict (.safetensors, .pt, .pth) instead of training")
+
+    @model_validator(mode="after")
+    def _factory_given(self) -> "ModelConfig":
+        if self.arch == "factory" and not self.factory:
+            raise ValueError("arch 'factory' needs model.factory: 'package.module:function'")
+        if self.factory and self.arch != "factory":
+            raise ValueError("model.factory is set: also set model.arch: factory")
+        if self.factory and ":" not in self.factory:
+            raise ValueError("model.factory must look like 'package.module:function'")
+        return self
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(30, ge=0)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    device: str = "auto"
+
+
+class InfluenceConfig(_Strict):
+    strategy: str = "ekfac"
+    damping: Union[float, str] = Field("auto", description="'auto' (0.1 x mean eigenvalue per layer) or a number")
+    fisher: Literal["true", "empirical"] = "true"
+    modules: Optional[list[str]] = Field(None, description="fnmatch patterns of layer names to track")
+    device: str = "auto"
+    dtype: Literal["float32", "float64"] = "float32"
+    batch_size: int = Field(256, ge=1)
+
+    @field_validator("damping", mode="before")
+    @classmethod
+    def _damping(cls, value: Any) -> Union[str, float]:
+        if value == "auto":
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("must be 'auto' or a number >= 0") from None
+        if number < 0 or number != number:
+            raise ValueError("must be 'auto' or a number >= 0")
+        return number
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return _check_device(value)
+
+
+class FlagConfig(_Strict):
+    """Which training examples get flagged as suspects (see README, "Flagging rule")."""
+
+    rule: Literal["mad", "top_fraction"] = "mad"
+    k: float = Field(3.0, gt=0.0, description="mad: flag log self-influence above median + k * MAD")
+    fraction: float = Field(0.02, gt=0.0, le=1.0, description="top_fraction: flag this share of the ranking")
+    require_disagreement: bool = Field(True, description="only flag examples whose given label is not the model's choice")
+
+
+class CheckConfig(_Strict):
+    max_flagged_fraction: Optional[float] = Field(None, ge=0.0, le=1.0)
+    max_flagged: Optional[int] = Field(None, ge=0)
+
+
+class AuditConfig(_Strict):
+    top: int = Field(20, ge=1)
+    flag: FlagConfig = Field(default_factory=FlagConfig)
+    check: CheckConfig = Field(default_factory=CheckConfig)
+
+
+class OutputConfig(_Strict):
+    dir: str = Field("runs", description="parent folder of run directories; a run lives in <dir>/<name>")
+
+
+class Config(_Strict):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    influence: InfluenceConfig = Field(default_factory=InfluenceConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    # Where relative paths in the config are resolved (set by load_config, not by YAML).
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+    source_file: str = Field("<config>", exclude=True)
+
+    @field_validator("train")
+    @classmethod
+    def _train_device(cls, value: TrainConfig) -> TrainConfig:
+        _check_device(value.device)
+        return value
+
+    def resolve_path(self, path: str | Path) -> Path:
+        """Resolve a path from the config against the config's own folder."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / self.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _check_device(value: str) -> str:
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def bundled_configs() -> dict[str, Path]:
+    """Name → path of the configs shipped inside the package."""
+    folder = importlib.resources.files("influence_cli") / "configs"
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def find_config(name_or_path: Optional[str]) -> tuple[Path, bool]:
+    """Return (path, is_bundled) for a -c argument: an existing path or a bundled name."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_CONFIG
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path, False
+    bundled = bundled_configs()
+    stem = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
+    if stem in bundled and not path.exists():
+        return bundled[stem], True
+    if path.is_dir():
+        raise ConfigError([f"{path}: is a folder, not a YAML config file"])
+    names = ", ".join(sorted(bundled))
+    raise ConfigError([f"{name_or_path}: no such config file or bundled config (bundled: {names})"])
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``dotted.key=value``; the value is read as YAML (5 → int, true → bool)."""
+    if "=" not in text:
+        raise ConfigError([f"--set {text}: expected dotted.key=value, for example --set train.epochs=5"])
+    key, raw = text.split("=", 1)
+    keys = [k for k in key.strip().split(".")]
+    if not key.strip() or any(not k for k in keys):
+        raise ConfigError([f"--set {text}: the key must be dotted names, for example train.epochs"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], label: str) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise ConfigError([f"{label}: {'.'.join(keys)}: '{k}' is a value, not a section"])
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def _format_errors(label: str, error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        loc = [str(x) for x in item["loc"] if not str(x).startswith("function-after")]
+        # pydantic puts union branch names into loc; keep only real field names.
+        loc = [x for x in loc if x not in ("float", "literal['auto']", "str", "int", "list[str]")]
+        path = ".".join(loc) or "(top level)"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `infl config show` for valid keys)"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        problems.append(f"{label}: {path}: {msg}")
+    # Unions report one error per branch for the same path; keep the first per path.
+    seen: set[str] = set()
+    unique = []
+    for p in problems:
+        key = p.split(": ")[1]
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+def config_from_dict(data: Any, label: str = "<config>", base_dir: Optional[Path] = None) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError([f"{label}: (top level): expected a mapping of sections (name, data, model, ...)"])
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(label, error)) from None
+    config.base_dir = base_dir or Path.cwd()
+    config.source_file = label
+    return config
+
+
+def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a config by path or bundled name, apply ``--set`` overrides, validate."""
+    path, is_bundled = find_config(name_or_path)
+    label = f"{path.stem} (bundled)" if is_bundled else str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{label}: cannot read: {exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{label}: {where}invalid YAML: {problem}"]) from None
+    if data is None:
+        data = {}
+    if isinstance(data, dict):
+        data = apply_overrides(data, overrides or [], label)
+    # Bundled configs resolve relative paths against the working directory.
+    base = Path.cwd() if is_bundled else path.resolve().parent
+    return config_from_dict(data, label, base)

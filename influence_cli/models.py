@@ -1,0 +1,176 @@
+"""Model construction and checkpoints.
+
+`build_model` turns the `model` config section plus the data's input shape and class count
+into an `nn.Module`; checkpoints are plain state_dicts, stored as safetensors. Loading a
+user's `.pt`/`.pth` goes through `torch.load(weights_only=True)` so no arbitrary object is
+ever unpickled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from influence_cli.config import ModelConfig
+from influence_cli.errors import CheckpointError, ModelError
+
+
+def _mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    width = 1
+    for size in input_shape:
+        width *= size
+    layers: list[nn.Module] = [nn.Flatten()]
+    for hidden in cfg.hidden_sizes:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _cnn(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A small conv net for inputs from 1x8x8 up to 3x32x32 and beyond.
+
+    3x3 convolutions with padding keep the size; a 2x2 max-pool follows each conv except
+    the last while the feature map is at least 4 pixels wide, and an adaptive average pool
+    to 2x2 keeps a little spatial layout before the classifier.
+    """
+    if len(input_shape) != 3:
+        raise ModelError(f"model.arch: cnn needs image inputs (C, H, W), the data gives shape {tuple(input_shape)}")
+    channels, height, width = input_shape
+    layers: list[nn.Module] = []
+    for i, out_channels in enumerate(cfg.channels):
+        layers += [nn.Conv2d(channels, out_channels, kernel_size=3, padding=1), nn.ReLU()]
+        channels = out_channels
+        if i < len(cfg.channels) - 1 and min(height, width) >= 4:
+            layers.append(nn.MaxPool2d(2))
+            height, width = height // 2, width // 2
+    pooled = (min(2, height), min(2, width))
+    layers += [nn.AdaptiveAvgPool2d(pooled), nn.Flatten(), nn.Linear(channels * pooled[0] * pooled[1], num_classes)]
+    return nn.Sequential(*layers)
+
+
+def _torchvision(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    import torchvision.models
+
+    builder = getattr(torchvision.models, cfg.arch, None)
+    if builder is None or not callable(builder) or cfg.arch.startswith("_"):
+        raise ModelError(
+            f"model.arch: unknown architecture '{cfg.arch}' (use mlp, cnn, factory or a torchvision model such as resnet18)"
+        )
+    if len(input_shape) != 3 or input_shape[0] != 3:
+        raise ModelError(
+            f"model.arch: torchvision '{cfg.arch}' expects 3-channel images; the data gives shape {tuple(input_shape)}"
+        )
+    try:
+        return builder(weights=None, num_classes=num_classes)
+    except TypeError as exc:
+        raise ModelError(f"model.arch: torchvision '{cfg.arch}' cannot be built here: {exc}") from None
+
+
+def _factory(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    assert cfg.factory is not None
+    module_name, _, function_name = cfg.factory.partition(":")
+    if cfg.factory_path:
+        folder = str(Path(cfg.factory_path).expanduser().resolve())
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module may raise anything on import
+        raise ModelError(f"model.factory: cannot import '{module_name}': {type(exc).__name__}: {exc} (set model.factory_path to its folder)") from None
+    function: Callable[..., Any] | None = getattr(module, function_name, None)
+    if not callable(function):
+        raise ModelError(f"model.factory: '{module_name}' has no function '{function_name}'")
+    kwargs = dict(cfg.factory_kwargs)
+    params = inspect.signature(function).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key, value in (("input_shape", tuple(input_shape)), ("num_classes", num_classes)):
+        if key in params or accepts_any:
+            kwargs.setdefault(key, value)
+    try:
+        model = function(**kwargs)
+    except Exception as exc:
+        raise ModelError(f"model.factory: '{cfg.factory}' raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model.factory: '{cfg.factory}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> nn.Module:
+    """Build the configured model with seeded initial weights."""
+    torch.manual_seed(seed)
+    if cfg.arch == "mlp":
+        return _mlp(cfg, input_shape, num_classes)
+    if cfg.arch == "cnn":
+        return _cnn(cfg, input_shape, num_classes)
+    if cfg.arch == "factory":
+        return _factory(cfg, input_shape, num_classes)
+    return _torchvision(cfg, input_shape, num_classes)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict from .safetensors or .pt/.pth without unpickling objects."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found (check model.checkpoint)")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        elif suffix in (".pt", ".pth", ".bin", ".ckpt"):
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        else:
+            raise CheckpointError(f"{path}: unknown checkpoint format '{suffix}' (use .safetensors, .pt or .pth)")
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read checkpoint (corrupt, truncated or not a state_dict): {first[:200]}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: does not hold a state_dict of tensors")
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load a state_dict into the model, naming any missing, extra or mis-shaped parameter."""
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if extra:
+            parts.append(f"unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+        raise CheckpointError(f"{path}: does not match the configured model ({'; '.join(parts)})")
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{path}: parameter '{key}' has shape {tuple(state[key].shape)} in the checkpoint "
+                f"but {tuple(tensor.shape)} in the model"
+            )
+    model.load_state_dict(state)
+
+
+def save_checkpoint(model: nn.Module, path: Path) -> None:
+    """Save the state_dict as safetensors, atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    from influence_cli.run import atomic_path
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))

@@ -1,0 +1,150 @@
+"""The run directory: where each stage's outputs live, atomic writes, content hashes.
+
+Every stage reads what the one before wrote under ``runs/<name>/`` and recomputes nothing
+that is still valid. Validity is decided by content hashes: the training hash covers
+everything that shapes the trained weights (seed, data, model, train sections); the
+checkpoint hash is the SHA-256 of the weights file itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from influence_cli.config import Config
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def hash_object(obj: Any) -> str:
+    return hashlib.sha256(_canonical(obj)).hexdigest()[:16]
+
+
+def hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def training_hash(config: Config) -> str:
+    """Hash of everything that determines the trained weights."""
+    dumped = config.model_dump(mode="json")
+    return hash_object({k: dumped[k] for k in ("seed", "data", "model", "train")})
+
+
+def influence_hash(config: Config, strategy: str) -> str:
+    """Hash of the config parts that determine fitted factors (besides the checkpoint)."""
+    dumped = config.model_dump(mode="json")
+    inf = dumped["influence"]
+    relevant = {k: inf[k] for k in ("damping", "fisher", "modules", "dtype")}
+    return hash_object({"seed": dumped["seed"], "data": dumped["data"], "influence": relevant, "strategy": strategy})
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only on success.
+
+    An interrupted write leaves at most a ``.tmp`` file that nothing ever reads.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """Read a JSON file the tool wrote; None when missing or unreadable (treated as absent)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def replace_directory(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a fully written directory into place, replacing an older one."""
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final_dir, old)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, final_dir)
+
+
+class RunDir:
+    """Paths of one run: ``<output.dir>/<name>/``."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.root = Path(config.output.dir) / config.name
+
+    def ensure(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self.root
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint.safetensors"
+
+    @property
+    def train_meta(self) -> Path:
+        return self.root / "train.json"
+
+    @property
+    def resolved_config(self) -> Path:
+        return self.root / "config.yaml"
+
+    def factors_dir(self, strategy: str) -> Path:
+        return self.root / "factors" / strategy
+
+    @property
+    def self_influence_csv(self) -> Path:
+        return self.root / "self_influence.csv"
+
+    @property
+    def mislabels_csv(self) -> Path:
+        return self.root / "mislabels.csv"
+
+    @property
+    def summary_json(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
+    def scores_csv(self, stem: str) -> Path:
+        return self.root / "scores" / f"{stem}.csv"
+
+    def self_influence_cache(self, strategy: str) -> Path:
+        return self.root / "cache" / f"self_influence-{strategy}.safetensors"
