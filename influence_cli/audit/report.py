@@ -51,7 +51,7 @@ from influence_cli.errors import DataError
 ARROW = "→"
 FLAG_MARK = "⚑"
 #: Longest id shown in a terminal table or an HTML card (longer ids keep their tail).
-MAX_ID_CHARS = 48
+MAX_ID_CHARS = 40
 #: Thumbnails are upscaled (nearest-neighbour) until their shorter side is at least this.
 MIN_THUMB_PX = 96
 #: Larger images are shrunk so their longer side is at most this (keeps the HTML small).
@@ -130,7 +130,8 @@ def read_ranking_csv(path: str | os.PathLike) -> pd.DataFrame:
             "(delete the file and rerun `infl self-influence`)"
         )
     for column in text_columns:
-        df[column] = df[column].astype(object).where(df[column].notna(), "").map(str)
+        values = ["" if v is None or (isinstance(v, float) and v != v) else str(v) for v in df[column].tolist()]
+        df[column] = pd.Series(values, index=df.index, dtype=object)
     df["flagged"] = df["flagged"].map(_parse_bool).astype(bool)
     return df
 
@@ -202,6 +203,26 @@ def shorten(text: str, limit: int = MAX_ID_CHARS) -> str:
     return "…" + text[-(limit - 1):]
 
 
+def _shorten_end(text: str, limit: int) -> str:
+    """Cut a class name at the end (its beginning is the informative part)."""
+    text = str(text)
+    return text if len(text) <= limit else text[: max(limit - 1, 0)] + "…"
+
+
+def _text_widths(rows: Sequence[Mapping[str, Any]], console_width: int) -> tuple[int, int]:
+    """Widths of the id column and of one class name so the table fits the console."""
+    # rank, P(given), self-influence, flag + per column 2 padding + 7 (invisible) box rules
+    fixed = 4 + 8 + 14 + 4 + 6 * 2 + 7
+    longest_id = max([len(str(r["id"])) for r in rows] + [2])
+    longest_name = max([len(str(r["label_name"])) for r in rows] + [len(str(r["suggested_label"])) for r in rows] + [1])
+    name_width = min(longest_name, 20)
+    label_width = max(2 * name_width + 3, len(f"Given {ARROW} suggested"))
+    id_width = min(longest_id, MAX_ID_CHARS, max(console_width - fixed - label_width, 10))
+    if fixed + id_width + label_width > console_width:  # narrow console: squeeze the names too
+        name_width = max(4, (console_width - fixed - id_width - 3) // 2)
+    return max(id_width, 2), name_width
+
+
 def _label_parts(row: Mapping[str, Any]) -> tuple[str, Optional[str]]:
     """(given, suggested or None) for a ranking row."""
     given = str(row["label_name"])
@@ -230,22 +251,27 @@ def render_self_influence_table(
         title_style="bold",
         expand=False,
     )
-    table.add_column("Rank", justify="right", no_wrap=True)
-    table.add_column("ID", overflow="ellipsis", no_wrap=True, min_width=10, max_width=MAX_ID_CHARS)
-    table.add_column(f"Label (given {ARROW} suggested)", overflow="ellipsis", no_wrap=True, min_width=10)
-    table.add_column("P(given)", justify="right", no_wrap=True)
-    table.add_column("Self-influence", justify="right", no_wrap=True)
-    table.add_column("Flag", justify="center", no_wrap=True)
-    for row in shown.to_dict("records"):
+    rows = shown.to_dict("records")
+    id_width, name_width = _text_widths(rows, console.width)
+    # Fixed-width numeric columns; the id and label columns are sized to fit the console.
+    table.add_column("Rank", justify="right", no_wrap=True, min_width=4)
+    table.add_column("ID", no_wrap=True, overflow="ellipsis", width=id_width)
+    label_header = f"Given {ARROW} suggested"
+    table.add_column(label_header, no_wrap=True, overflow="ellipsis", max_width=max(2 * name_width + 3, len(label_header)))
+    table.add_column("P(given)", justify="right", no_wrap=True, min_width=8)
+    table.add_column("Self-influence", justify="right", no_wrap=True, min_width=14)
+    table.add_column("Flag", justify="center", no_wrap=True, min_width=4)
+    for row in rows:
         given, suggested = _label_parts(row)
         flagged = bool(row["flagged"])
+        given_text = escape(_shorten_end(given, name_width))
         if flagged:
-            label = f"[red]{escape(given)}[/] {ARROW} [bold green]{escape(suggested or given)}[/]"
+            label = f"[red]{given_text}[/] {ARROW} [bold green]{escape(_shorten_end(suggested or given, name_width))}[/]"
         else:
-            label = escape(given)
+            label = given_text
         table.add_row(
             str(int(row["rank"])),
-            escape(shorten(row["id"])),
+            escape(shorten(row["id"], id_width)),
             label,
             format_prob(row["label_prob"]),
             format_score(row["self_influence"]),
@@ -395,8 +421,8 @@ def histogram_svg(
     flagged: np.ndarray,
     *,
     bins: int = 40,
-    width: int = 560,
-    height: int = 250,
+    width: int = 470,
+    height: int = 260,
 ) -> str:
     """Inline SVG histogram of log10 self-influence, flagged examples stacked in red."""
     s = np.asarray(self_influence, dtype=np.float64).reshape(-1)
@@ -485,7 +511,7 @@ def histogram_svg(
         "training examples</text>"
     )
     # legend
-    lx = left + pw - 190
+    lx = left + pw - 180
     parts.append(f'<rect x="{lx}" y="6" width="10" height="10" class="bar"/>')
     parts.append(f'<text x="{lx + 14}" y="15" class="tick">not flagged</text>')
     parts.append(f'<rect x="{lx + 92}" y="6" width="10" height="10" class="bar-flag"/>')
@@ -516,16 +542,16 @@ dl.meta { display:grid; grid-template-columns: repeat(auto-fill, minmax(230px, 1
 dl.meta div { display:flex; gap:8px; min-width:0; }
 dl.meta dt { color:var(--muted); white-space:nowrap; }
 dl.meta dd { margin:0; font-weight:600; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; }
-.row { display:grid; grid-template-columns: minmax(0, 1.55fr) minmax(0, 1fr); gap:18px; margin-bottom:26px; align-items:start; }
+.row { display:grid; grid-template-columns: minmax(0, 1.6fr) minmax(0, 1fr) minmax(0, 0.75fr); gap:18px;
+  margin-bottom:26px; align-items:start; }
 .panel { background:var(--panel); border:1px solid var(--line); border-radius:10px; padding:16px 18px; min-width:0; }
-.panel + .panel { margin-top: 0; }
-.stack > .panel + .panel { margin-top: 18px; }
 table.data { border-collapse:collapse; width:100%; font-variant-numeric: tabular-nums; }
-table.data th { text-align:left; font-weight:600; color:var(--muted); font-size:12px; border-bottom:1px solid var(--line); padding:4px 6px; }
-table.data td { padding:4px 6px; border-bottom:1px solid #f0f2f5; }
+table.data th { text-align:left; font-weight:600; color:var(--muted); font-size:12px; border-bottom:1px solid var(--line); padding:4px 5px; }
+table.data td { padding:4px 5px; border-bottom:1px solid #f0f2f5; }
 table.data td.num, table.data th.num { text-align:right; }
-table.data td.name { max-width: 180px; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; }
+table.data td.name { max-width: 120px; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; }
 .scroll { max-height: 520px; overflow:auto; }
+td.bar { width:30px; padding-left:2px; padding-right:0; }
 .share { display:inline-block; height:8px; background:var(--flag); border-radius:4px; vertical-align:middle; opacity:.8; }
 .given { color: var(--flag); font-weight:600; }
 .sugg { color: var(--ok); font-weight:600; }
@@ -550,7 +576,7 @@ svg .bar-flag { fill:var(--flag); }
 .card.flagged .thumb { background:#fbe3e1; }
 .thumb img { max-width:100%; max-height:124px; image-rendering: pixelated; border-radius:3px; }
 .thumb.none { color:var(--muted); font-size:12px; padding:8px; text-align:center; }
-.feats { padding:8px 12px 0; }
+.feats { padding:6px 12px 10px; border-top:1px solid var(--line); }
 table.kv { width:100%; border-collapse:collapse; font-size:12px; font-variant-numeric: tabular-nums; }
 table.kv th { text-align:left; font-weight:400; color:var(--muted); padding:1px 6px 1px 0; max-width:120px;
   overflow:hidden; text-overflow:ellipsis; white-space:nowrap; }
@@ -566,7 +592,8 @@ table.kv td { text-align:right; padding:1px 0; overflow:hidden; text-overflow:el
 .nums { display:flex; justify-content:space-between; font-size:12px; color:var(--muted); font-variant-numeric: tabular-nums; }
 .nums b { color:var(--ink); font-weight:600; }
 footer { color:var(--muted); font-size:12px; margin-top:28px; text-align:center; }
-@media (max-width: 900px) { .row { grid-template-columns: 1fr; } }
+@media (max-width: 1000px) { .row { grid-template-columns: 1fr 1fr; } .row > :first-child { grid-column: 1 / -1; } }
+@media (max-width: 640px) { .row { grid-template-columns: 1fr; } }
 """
 
 
@@ -575,13 +602,13 @@ def _class_table_html(summary: Mapping[str, Any]) -> str:
     max_share = max([c["flagged_fraction"] for c in classes] + [1e-12])
     rows = []
     for c in classes:
-        bar = int(round(60 * c["flagged_fraction"] / max_share)) if c["flagged"] else 0
+        bar = int(round(28 * c["flagged_fraction"] / max_share)) if c["flagged"] else 0
         rows.append(
             f'<tr><td class="name" title="{_e(c["name"])}">{_e(c["name"])}</td>'
             f'<td class="num">{int(c["examples"])}</td>'
             f'<td class="num">{int(c["flagged"])}</td>'
             f'<td class="num">{_e(format_prob(c["flagged_fraction"]))}</td>'
-            f'<td><span class="share" style="width:{bar}px"></span></td></tr>'
+            f'<td class="bar"><span class="share" style="width:{bar}px"></span></td></tr>'
         )
     totals = summary.get("totals", {})
     rows.append(
@@ -608,7 +635,7 @@ def _pairs_table_html(summary: Mapping[str, Any]) -> str:
         for p in pairs
     )
     return (
-        '<table class="data"><thead><tr><th>Given → suggested</th><th class="num">Flagged</th></tr></thead>'
+        '<table class="data"><thead><tr><th>Given → suggested</th><th class="num">Count</th></tr></thead>'
         f"<tbody>{rows}</tbody></table>"
     )
 
@@ -644,15 +671,19 @@ def _card_html(row: Mapping[str, Any], display: Callable[[int], Any], kind: str)
         labels = f"<span>{_e(given)}</span>"
         title = f"given {given}"
     badge = '<span class="badge">FLAGGED</span>' if flagged else ""
-    return (
-        f'<article class="card{" flagged" if flagged else ""}">{preview}<div class="body">'
+    body = (
+        '<div class="body">'
         f'<div class="head"><span class="rank">#{int(row["rank"])}</span>{badge}</div>'
         f'<div class="id" title="{_e(full_id)}"><span dir="ltr">{_e(shorten(full_id, 120))}</span></div>'
         f'<div class="labels" title="{_e(title)}">{labels}</div>'
         f'<div class="nums"><span>P(given) <b>{_e(format_prob(row["label_prob"]))}</b></span>'
         f'<span>SI <b>{_e(format_score(row["self_influence"]))}</b></span></div>'
-        "</div></article>"
+        "</div>"
     )
+    # Images lead the card; for table rows the label line comes first, then the features.
+    inner = preview + body if kind == "image" else body + preview
+    return f'<article class="card{" flagged" if flagged else ""}">{inner}</article>'
+
 
 
 def write_html_report(
@@ -731,11 +762,9 @@ High-ranked examples whose given label the model disagrees with are flagged as l
 {meta_html}
 </header>
 <section class="row">
-<div class="stack">
 <div class="panel"><h2>Self-influence distribution</h2>{histogram}</div>
-<div class="panel"><h2>Most common given → suggested</h2>{_pairs_table_html(summary)}</div>
-</div>
 <div class="panel"><h2>Flagged per class</h2>{_class_table_html(summary)}</div>
+<div class="panel"><h2>Given → suggested</h2>{_pairs_table_html(summary)}</div>
 </section>
 <section>
 <h2>Top {len(shown)} most self-influential examples</h2>

@@ -1,0 +1,98 @@
+"""build_datasets(config): run the source's builder, then the common steps.
+
+Order of the common steps: the source gives its train/test split (each in a stable order)
+→ ``data.limit`` keeps the first N training examples → ``data.label_noise`` flips training
+labels → ``data.standardize`` scales train and test with the TRAIN statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from influence_cli.config import Config
+from influence_cli.errors import DataError
+
+from .builtin import build_cifar10, build_digits, build_fashion_mnist, build_mnist
+from .common import apply_standardisation, check_labels, standardisation
+from .dataset import Datasets, ExampleSet, LabelNoise, SourceData
+from .images import build_csv_manifest, build_image_folder
+from .noise import inject_label_noise
+from .synthetic import build_synthetic
+from .table import build_table
+
+SOURCES: dict[str, Callable[[Config], SourceData]] = {
+    "digits": build_digits,
+    "mnist": build_mnist,
+    "fashion_mnist": build_fashion_mnist,
+    "cifar10": build_cifar10,
+    "image_folder": build_image_folder,
+    "csv_manifest": build_csv_manifest,
+    "table": build_table,
+    "synthetic": build_synthetic,
+}
+
+
+def build_datasets(config: Config) -> Datasets:
+    """Load config.data into train/test ExampleSets with stable ids and order."""
+    data = config.data
+    builder = SOURCES.get(data.source)
+    if builder is None:
+        raise DataError(f"data.source: unknown source '{data.source}'; use one of {', '.join(SOURCES)}")
+    src = builder(config)
+    return finish(src, config)
+
+
+def finish(src: SourceData, config: Config) -> Datasets:
+    """Apply limit, label noise and standardisation to a source's split; check it."""
+    data = config.data
+    num_classes = len(src.class_names)
+    train_x, train_y, train_ids, train_raw = src.train_x, src.train_y, list(src.train_ids), src.train_raw
+    if data.limit is not None and data.limit < len(train_y):
+        n = data.limit
+        train_x, train_y, train_ids = train_x[:n], train_y[:n], train_ids[:n]
+        train_raw = None if train_raw is None else train_raw[:n]
+    if len(train_y) == 0:
+        raise DataError(f"data.source '{data.source}': no training examples; check data.path / data.train_path")
+    if len(src.test_y) == 0:
+        raise DataError(f"data.source '{data.source}': no test examples; check data.test_path or raise data.test_fraction")
+    check_labels(train_y, num_classes, f"data.source '{data.source}' (train)")
+    check_labels(src.test_y, num_classes, f"data.source '{data.source}' (test)")
+
+    noise = None
+    if data.label_noise.fraction > 0:
+        cfg = data.label_noise
+        original = train_y.clone()
+        train_y, flipped = inject_label_noise(original, num_classes, cfg.fraction, cfg.kind, cfg.seed)
+        noise = LabelNoise(flipped=flipped, original_labels=original, fraction=cfg.fraction, kind=cfg.kind, seed=cfg.seed)
+
+    mean = std = None
+    test_x = src.test_x
+    train_x = train_x.float()
+    test_x = test_x.float()
+    if data.standardize:
+        mean, std = standardisation(train_x, src.kind)
+        # In place: the source's tensors are ours; train and test never share elements.
+        train_x = apply_standardisation(train_x, mean, std)
+        test_x = apply_standardisation(test_x, mean, std)
+
+    def make(x, y, ids, raw) -> ExampleSet:
+        return ExampleSet(
+            inputs=x.contiguous(),
+            labels=y,
+            ids=ids,
+            kind=src.kind,
+            feature_names=src.feature_names,
+            mean=mean,
+            std=std,
+            pixel_scale=src.pixel_scale,
+            raw=raw,
+        )
+
+    return Datasets(
+        train=make(train_x, train_y, train_ids, train_raw),
+        test=make(test_x, src.test_y, list(src.test_ids), src.test_raw),
+        class_names=list(src.class_names),
+        input_shape=tuple(int(s) for s in train_x.shape[1:]),
+        kind=src.kind,
+        noise=noise,
+    )

@@ -1,0 +1,682 @@
+"""Fitting curvature factors (EK-FAC and friends) and storing them.
+
+Every strategy yields, per tracked layer, an eigenbasis (Q_S, Q_A; None = identity) and
+eigenvalues Λ (d_out × d_in), so one preconditioner formula serves all of them:
+
+    P(G) = Q_S [(Q_Sᵀ G Q_A) / (Λ + λ)] Q_Aᵀ.
+
+Fitting is two passes over the data: pass 1 accumulates A = E[a aᵀ] and S = E[g gᵀ] and
+eigendecomposes them; pass 2 (EK-FAC only) re-fits the eigenvalues in that basis from
+the per-example gradients, Λ_jk = E_i[(Q_Sᵀ G_i Q_A)_jk²]. Pass 2 never builds G_i for
+rank-one layers and rotates each side of a conv gradient where it is cheaper.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from influence_cli.errors import FactorsError, InfluenceError
+from influence_cli.influence.modules import (
+    ActivationCapture,
+    LayerBatch,
+    eval_mode,
+    layer_kind,
+    layer_shape,
+    select_modules,
+)
+from influence_cli.influence.precondition import (
+    chunk_size,
+    reference_rotated_grads,
+    rotated_per_example_grads,
+)
+
+__all__ = [
+    "LayerFactors",
+    "Factors",
+    "Strategy",
+    "FitContext",
+    "STRATEGIES",
+    "register_strategy",
+    "available_strategies",
+    "fit_factors",
+    "dense_preconditioner",
+    "resolve_device",
+    "FACTORS_FILE",
+    "META_FILE",
+]
+
+FACTORS_FILE = "factors.safetensors"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+AUTO_DAMPING_SCALE = 0.1
+ProgressCallback = Callable[[str, int], None]
+
+
+@dataclass
+class LayerFactors:
+    """One layer's preconditioner: eigenbases (None = identity), eigenvalues, damping."""
+
+    name: str
+    kind: str  # "linear" | "conv2d"
+    d_out: int
+    d_in: int  # includes the folded bias column
+    has_bias: bool
+    q_s: Tensor | None  # (d_out, d_out)
+    q_a: Tensor | None  # (d_in, d_in)
+    eigenvalues: Tensor  # (d_out, d_in)
+    damping: float
+
+
+@dataclass
+class Factors:
+    """Fitted factors of every tracked layer, plus how they were fitted."""
+
+    strategy: str
+    damping_rule: str | float
+    fisher: str
+    num_examples: int
+    layers: dict[str, LayerFactors]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- storage
+    def save(self, directory: str | os.PathLike, extra_meta: dict[str, Any] | None = None) -> Path:
+        """Write ``factors.safetensors`` then ``meta.json`` atomically into ``directory``.
+
+        Files go to a temporary sibling directory that is renamed into place, so an
+        interrupted run never leaves a directory that a later run would trust.
+        """
+        from safetensors.torch import save_file
+
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        meta = self._meta_dict()
+        for key, value in (extra_meta or {}).items():
+            if key in meta:
+                raise ValueError(f"extra_meta key {key!r} clashes with a reserved meta key")
+            meta[key] = value
+        tensors: dict[str, Tensor] = {}
+        for name, layer in self.layers.items():
+            tensors[_key(name, "eigenvalues")] = layer.eigenvalues.detach().cpu().contiguous()
+            if layer.q_s is not None:
+                tensors[_key(name, "q_s")] = layer.q_s.detach().cpu().contiguous()
+            if layer.q_a is not None:
+                tensors[_key(name, "q_a")] = layer.q_a.detach().cpu().contiguous()
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": "infl-factors"})
+            _write_json(tmp / META_FILE, meta)  # last: its presence marks a complete write
+            _fsync_dir(tmp)
+            old = None
+            if target.exists():
+                old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(target, old)
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.meta = meta
+        return target
+
+    def _meta_dict(self) -> dict[str, Any]:
+        try:
+            from influence_cli import __version__ as version
+        except ImportError:  # pragma: no cover
+            version = "0"
+        dtypes = {str(layer.eigenvalues.dtype).replace("torch.", "") for layer in self.layers.values()}
+        return {
+            "format_version": FORMAT_VERSION,
+            "strategy": self.strategy,
+            "damping_rule": self.damping_rule,
+            "fisher": self.fisher,
+            "num_examples": int(self.num_examples),
+            "package_version": str(version),
+            "dtype": dtypes.pop() if len(dtypes) == 1 else "mixed",
+            "modules": {
+                name: {
+                    "kind": layer.kind,
+                    "d_out": layer.d_out,
+                    "d_in": layer.d_in,
+                    "has_bias": layer.has_bias,
+                    "damping": float(layer.damping),
+                    "q_s": layer.q_s is not None,
+                    "q_a": layer.q_a is not None,
+                }
+                for name, layer in self.layers.items()
+            },
+        }
+
+    @staticmethod
+    def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+        """The parsed ``meta.json`` of a factors directory (FactorsError if absent/corrupt)."""
+        path = Path(directory) / META_FILE
+        if not path.is_file():
+            raise FactorsError(f"no fitted factors at {Path(directory)} ({META_FILE} missing); run fit-factors")
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise FactorsError(f"corrupt factors metadata {path}: {exc}; re-run fit-factors") from None
+        if not isinstance(meta, dict):
+            raise FactorsError(f"corrupt factors metadata {path}: not a JSON object; re-run fit-factors")
+        return meta
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Factors":
+        """Load factors saved by :meth:`save`; FactorsError with one line if unusable."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta = cls.read_meta(directory)
+        path = directory / FACTORS_FILE
+        if not path.is_file():
+            raise FactorsError(f"no fitted factors at {directory} ({FACTORS_FILE} missing); run fit-factors")
+        try:
+            tensors = load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise FactorsError(f"corrupt factors file {path}: {exc}; re-run fit-factors") from None
+        try:
+            layers: dict[str, LayerFactors] = {}
+            for name, info in meta["modules"].items():
+                d_out, d_in = int(info["d_out"]), int(info["d_in"])
+                eig = tensors[_key(name, "eigenvalues")]
+                q_s = tensors[_key(name, "q_s")] if info["q_s"] else None
+                q_a = tensors[_key(name, "q_a")] if info["q_a"] else None
+                if tuple(eig.shape) != (d_out, d_in):
+                    raise ValueError(f"eigenvalues of {name!r} have shape {tuple(eig.shape)}")
+                if q_s is not None and tuple(q_s.shape) != (d_out, d_out):
+                    raise ValueError(f"q_s of {name!r} has shape {tuple(q_s.shape)}")
+                if q_a is not None and tuple(q_a.shape) != (d_in, d_in):
+                    raise ValueError(f"q_a of {name!r} has shape {tuple(q_a.shape)}")
+                layers[name] = LayerFactors(
+                    name=name,
+                    kind=str(info["kind"]),
+                    d_out=d_out,
+                    d_in=d_in,
+                    has_bias=bool(info["has_bias"]),
+                    q_s=q_s,
+                    q_a=q_a,
+                    eigenvalues=eig,
+                    damping=float(info["damping"]),
+                )
+            factors = cls(
+                strategy=str(meta["strategy"]),
+                damping_rule=meta["damping_rule"],
+                fisher=str(meta["fisher"]),
+                num_examples=int(meta["num_examples"]),
+                layers=layers,
+                meta=meta,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FactorsError(
+                f"factors at {directory} are incomplete or inconsistent ({exc}); re-run fit-factors"
+            ) from None
+        if not layers:
+            raise FactorsError(f"factors at {directory} track no module; re-run fit-factors")
+        return factors
+
+    def check_model(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The model's modules matching the stored layers; FactorsError on any mismatch."""
+        named = dict(model.named_modules())
+        modules: dict[str, nn.Module] = {}
+        for name, layer in self.layers.items():
+            module = named.get(name)
+            if module is None:
+                raise FactorsError(
+                    f"factors track module {name!r} that the model does not have; re-run fit-factors"
+                )
+            try:
+                kind = layer_kind(module)
+            except InfluenceError:
+                kind = type(module).__name__
+            shape = layer_shape(module) if hasattr(module, "weight") else None
+            if kind != layer.kind or shape != (layer.d_out, layer.d_in, layer.has_bias):
+                raise FactorsError(
+                    f"factors for module {name!r} ({layer.kind}, {layer.d_out}x{layer.d_in}) do "
+                    f"not match the model's ({kind}, {shape}); re-run fit-factors"
+                )
+            modules[name] = module
+        return modules
+
+
+def _key(name: str, what: str) -> str:
+    return f"{name}::{what}"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+# ====================================================================== fitting
+@dataclass
+class FitContext:
+    """Everything a strategy's fit function needs."""
+
+    model: nn.Module
+    loader: Iterable
+    modules: dict[str, nn.Module]
+    device: torch.device
+    fisher: str
+    seed: int
+    on_batch: ProgressCallback | None
+    reference: bool = False
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A named way of fitting per-layer (Q_S, Q_A, Λ).
+
+    ``fit`` returns (layers with damping left unset, number of examples seen).
+    ``fixed_damping`` overrides the damping rule (identity uses 1 so P = I).
+    """
+
+    name: str
+    description: str
+    fit: Callable[[FitContext], tuple[dict[str, LayerFactors], int]]
+    fixed_damping: float | None = None
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(strategy: Strategy) -> Strategy:
+    """Make a strategy available by name (fit_factors, CLI choices and --help)."""
+    STRATEGIES[strategy.name] = strategy
+    return strategy
+
+
+def available_strategies() -> dict[str, str]:
+    """{name: one-line description} of every registered strategy."""
+    return {name: s.description for name, s in STRATEGIES.items()}
+
+
+def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    """None → the model's device; "auto" → cuda if available else cpu."""
+    if device is None:
+        for p in model.parameters():
+            return p.device
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """Compute dtype: the model's floating dtype, at least float32."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return torch.promote_types(p.dtype, torch.float32)
+    return torch.float32
+
+
+def iterate_batches(loader: Iterable, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """(inputs, labels) on ``device`` from batches whose first two items are those."""
+    for batch in loader:
+        if isinstance(batch, dict):
+            raise InfluenceError("batches must be (inputs, labels, ...) sequences, not dicts")
+        inputs, labels = batch[0], batch[1]
+        if not isinstance(labels, Tensor):
+            labels = torch.as_tensor(labels)
+        yield inputs.to(device, non_blocking=True), labels.to(device=device, dtype=torch.long)
+
+
+def captured_batches(
+    ctx: FitContext, stage: str
+) -> Iterator[tuple[int, dict[str, LayerBatch]]]:
+    """(batch size, {layer: (a, g)}) per batch, with Fisher labels as configured.
+
+    The sampling generator is re-seeded on every call, so both fitting passes see the
+    same sampled labels (given the loader order).
+    """
+    generator = torch.Generator().manual_seed(int(ctx.seed))
+    with torch.no_grad(), eval_mode(ctx.model), ActivationCapture(ctx.modules) as capture:
+        for inputs, labels in iterate_batches(ctx.loader, ctx.device):
+            logits = capture.forward(ctx.model, inputs)
+            if ctx.fisher == "true":
+                probs = torch.softmax(logits.detach().to(torch.float64), dim=-1).cpu()
+                labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                labels = labels.to(logits.device)
+            with torch.enable_grad():
+                loss = F.cross_entropy(logits, labels, reduction="sum")
+                layers = capture.gradients(loss)
+            del logits, loss
+            n = int(labels.shape[0])
+            yield n, layers
+            if ctx.on_batch is not None:
+                ctx.on_batch(stage, n)
+
+
+def _gram(x: Tensor) -> Tensor:
+    """xᵀx for a tall (rows, d) matrix."""
+    return torch.mm(x.T, x)
+
+
+def _fit_covariances(ctx: FitContext) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
+    """Pass 1: A = E_{i,p}[a aᵀ], S = E_i[Σ_p g gᵀ] in float64."""
+    acc_a: dict[str, Tensor] = {}
+    acc_s: dict[str, Tensor] = {}
+    positions: dict[str, int] = {}
+    total = 0
+    for n, layers in captured_batches(ctx, "covariance"):
+        total += n
+        for name, batch in layers.items():
+            d_in, d_out = batch.a.shape[2], batch.g.shape[2]
+            a2 = batch.a.reshape(-1, d_in)
+            g2 = batch.g.reshape(-1, d_out)
+            if name not in acc_a:
+                acc_a[name] = torch.zeros(d_in, d_in, dtype=torch.float64, device=a2.device)
+                acc_s[name] = torch.zeros(d_out, d_out, dtype=torch.float64, device=a2.device)
+                positions[name] = 0
+            acc_a[name] += _gram(a2)
+            acc_s[name] += _gram(g2)
+            positions[name] += a2.shape[0]
+    if total == 0:
+        raise InfluenceError("the data loader yielded no examples")
+    cov_a = {name: acc / positions[name] for name, acc in acc_a.items()}
+    cov_s = {name: acc / total for name, acc in acc_s.items()}
+    return cov_a, cov_s, total
+
+
+def _eigh_all(matrices: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Symmetric eigendecompositions in float64, checked for finiteness first.
+
+    On the CPU, LAPACK's eigh scales badly with threads on small matrices, so each runs
+    single-threaded while several run side by side.
+    """
+    for key, mat in matrices.items():
+        if not bool(torch.isfinite(mat).all()):
+            layer, which = key
+            raise InfluenceError(
+                f"non-finite {which} covariance in layer {layer!r}: its activations or "
+                "gradients overflowed or contain NaN (check inputs, checkpoint and learning rate)"
+            )
+
+    def one(mat: Tensor) -> tuple[Tensor, Tensor]:
+        mat = mat.to(torch.float64)
+        mat = 0.5 * (mat + mat.T)
+        evals, evecs = torch.linalg.eigh(mat)
+        return evals.clamp_(min=0.0), evecs
+
+    items = sorted(matrices.items(), key=lambda kv: -kv[1].shape[0])
+    on_cpu = all(m.device.type == "cpu" for m in matrices.values())
+    threads = torch.get_num_threads()
+    if not on_cpu or threads <= 1 or len(items) == 1:
+        return {key: one(mat) for key, mat in items}
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            results = list(pool.map(lambda kv: one(kv[1]), items))
+    finally:
+        torch.set_num_threads(threads)
+    return {key: res for (key, _), res in zip(items, results)}
+
+
+def _layer_info(ctx: FitContext, name: str) -> tuple[str, int, int, bool]:
+    module = ctx.modules[name]
+    d_out, d_in, has_bias = layer_shape(module)
+    return layer_kind(module), d_out, d_in, has_bias
+
+
+def _fit_kfac_bases(
+    ctx: FitContext,
+) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor, Tensor]], int]:
+    """Pass 1 + eigendecomposition: {layer: (λ_S, Q_S, λ_A, Q_A)}, example count."""
+    cov_a, cov_s, total = _fit_covariances(ctx)
+    mats: dict[tuple[str, str], Tensor] = {}
+    for name in cov_a:
+        mats[(name, "activation (A)")] = cov_a[name]
+        mats[(name, "output-gradient (S)")] = cov_s[name]
+    eig = _eigh_all(mats)
+    bases = {
+        name: (
+            eig[(name, "output-gradient (S)")][0],
+            eig[(name, "output-gradient (S)")][1],
+            eig[(name, "activation (A)")][0],
+            eig[(name, "activation (A)")][1],
+        )
+        for name in cov_a
+    }
+    return bases, total
+
+
+def _fit_eigenvalues(
+    ctx: FitContext, bases: dict[str, tuple[Tensor | None, Tensor | None]]
+) -> tuple[dict[str, Tensor], int]:
+    """Pass 2: Λ_jk = (1/N) Σ_i (Q_Sᵀ G_i Q_A)_jk² per layer, bases given as (Q_S, Q_A).
+
+    Rank-one layers (P == 1): Λ += (g̃∘g̃)ᵀ (ã∘ã), one matmul per batch, no G_i. Others:
+    rotated per-example gradients with the per-side flop rule, in memory-bounded chunks.
+    """
+    acc: dict[str, Tensor] = {}
+    ops: dict[str, tuple[Tensor | None, Tensor | None]] = {}
+    total = 0
+    for n, layers in captured_batches(ctx, "eigenvalues"):
+        total += n
+        for name, batch in layers.items():
+            a, g = batch.a, batch.g
+            d_in, d_out = a.shape[2], g.shape[2]
+            if name not in ops:
+                q_s, q_a = bases[name]
+                ops[name] = (
+                    None if q_s is None else q_s.to(device=a.device, dtype=a.dtype),
+                    None if q_a is None else q_a.to(device=a.device, dtype=a.dtype),
+                )
+                acc[name] = torch.zeros(d_out, d_in, dtype=torch.float64, device=a.device)
+            q_s, q_a = ops[name]
+            if batch.positions == 1 and not ctx.reference:
+                a_rot = a[:, 0] if q_a is None else a[:, 0] @ q_a
+                g_rot = g[:, 0] if q_s is None else g[:, 0] @ q_s
+                acc[name] += torch.mm(g_rot.square().T, a_rot.square())
+            else:
+                rotate = reference_rotated_grads if ctx.reference else rotated_per_example_grads
+                step = chunk_size(d_out * d_in * 2)
+                part = torch.zeros(d_out, d_in, dtype=a.dtype, device=a.device)
+                for start in range(0, n, step):
+                    rotated = rotate(a[start : start + step], g[start : start + step], q_a, q_s)
+                    part += rotated.square_().sum(0)
+                acc[name] += part
+    if total == 0:
+        raise InfluenceError("the data loader yielded no examples")
+    return {name: value / total for name, value in acc.items()}, total
+
+
+def _fit_ekfac(ctx: FitContext) -> tuple[dict[str, LayerFactors], int]:
+    bases, total = _fit_kfac_bases(ctx)
+    qs = {name: (b[1], b[3]) for name, b in bases.items()}
+    lam, total2 = _fit_eigenvalues(ctx, qs)
+    if total2 != total:
+        raise InfluenceError(
+            f"the data loader yielded {total} examples in pass 1 but {total2} in pass 2; "
+            "it must iterate the same data each time"
+        )
+    return _build_layers(ctx, {n: (q[0], q[1], lam[n]) for n, q in qs.items()}), total
+
+
+def _fit_kfac(ctx: FitContext) -> tuple[dict[str, LayerFactors], int]:
+    bases, total = _fit_kfac_bases(ctx)
+    out = {name: (q_s, q_a, torch.outer(l_s, l_a)) for name, (l_s, q_s, l_a, q_a) in bases.items()}
+    return _build_layers(ctx, out), total
+
+
+def _fit_diagonal(ctx: FitContext) -> tuple[dict[str, LayerFactors], int]:
+    lam, total = _fit_eigenvalues(ctx, {name: (None, None) for name in ctx.modules})
+    return _build_layers(ctx, {n: (None, None, v) for n, v in lam.items()}), total
+
+
+def _fit_identity(ctx: FitContext) -> tuple[dict[str, LayerFactors], int]:
+    total = _count_examples(ctx.loader)
+    out = {}
+    for name in ctx.modules:
+        _kind, d_out, d_in, _bias = _layer_info(ctx, name)
+        out[name] = (None, None, torch.zeros(d_out, d_in, dtype=torch.float64))
+    return _build_layers(ctx, out), total
+
+
+def _count_examples(loader: Iterable) -> int:
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None:
+        try:
+            return len(dataset)
+        except TypeError:
+            pass
+    return sum(int(len(batch[1])) for batch in loader)
+
+
+def _build_layers(
+    ctx: FitContext, parts: dict[str, tuple[Tensor | None, Tensor | None, Tensor]]
+) -> dict[str, LayerFactors]:
+    layers = {}
+    for name in ctx.modules:
+        if name not in parts:
+            raise InfluenceError(f"tracked module {name!r} received no data while fitting")
+        q_s, q_a, lam = parts[name]
+        kind, d_out, d_in, has_bias = _layer_info(ctx, name)
+        if not bool(torch.isfinite(lam).all()):
+            raise InfluenceError(f"non-finite eigenvalues in layer {name!r}")
+        layers[name] = LayerFactors(
+            name=name,
+            kind=kind,
+            d_out=d_out,
+            d_in=d_in,
+            has_bias=has_bias,
+            q_s=q_s,
+            q_a=q_a,
+            eigenvalues=lam.to(torch.float64),
+            damping=math.nan,
+        )
+    return layers
+
+
+register_strategy(
+    Strategy("ekfac", "eigenvalue-corrected Kronecker factors (default; most accurate)", _fit_ekfac)
+)
+register_strategy(Strategy("kfac", "Kronecker factors A ⊗ S, no eigenvalue correction", _fit_kfac))
+register_strategy(Strategy("diagonal", "diagonal of the Fisher (per-weight variances)", _fit_diagonal))
+register_strategy(
+    Strategy(
+        "identity",
+        "no curvature: plain gradient inner products (damping has no effect)",
+        _fit_identity,
+        fixed_damping=1.0,
+    )
+)
+
+
+def _damping_value(rule: str | float, lam: Tensor) -> float:
+    if isinstance(rule, str):
+        if rule != "auto":
+            raise InfluenceError(f"damping must be 'auto' or a positive number, not {rule!r}")
+        value = AUTO_DAMPING_SCALE * float(lam.to(torch.float64).mean())
+        # A layer whose curvature is exactly zero gets λ = 1 (plain gradients) instead of 0.
+        return value if value > 0.0 else 1.0
+    value = float(rule)
+    if not math.isfinite(value) or value <= 0.0:
+        raise InfluenceError(f"damping must be 'auto' or a positive number, not {rule!r}")
+    return value
+
+
+def fit_factors(
+    model: nn.Module,
+    loader: Iterable,
+    strategy: str = "ekfac",
+    *,
+    damping: str | float = "auto",
+    fisher: str = "true",
+    modules: list[str] | dict[str, nn.Module] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    on_batch: ProgressCallback | None = None,
+    reference: bool = False,
+) -> Factors:
+    """Fit per-layer curvature factors of ``model`` on ``loader``.
+
+    loader: iterable of batches whose first two items are inputs and integer labels.
+    fisher: "true" samples labels from the model's predictive distribution (seeded,
+        deterministic given ``seed`` and loader order); "empirical" uses the labels.
+    modules: fnmatch patterns of module names (or a ready {name: module} dict); None
+        tracks every Linear/Conv2d.
+    damping: "auto" = 0.1 × mean(Λ) per layer, or one positive number for every layer.
+    device: None = the model's device, "auto" = cuda if available; the model is moved there.
+    dtype: storage dtype of the fitted tensors (accumulation is float32/64, eigh float64).
+    on_batch(stage, n): progress callback after each batch ("covariance", "eigenvalues").
+    reference: use the slow explicit-G_i path in pass 2 (for tests).
+    """
+    if strategy not in STRATEGIES:
+        raise InfluenceError(
+            f"unknown strategy {strategy!r}; available: {', '.join(sorted(STRATEGIES))}"
+        )
+    if fisher not in ("true", "empirical"):
+        raise InfluenceError(f"fisher must be 'true' or 'empirical', not {fisher!r}")
+    spec = STRATEGIES[strategy]
+    if spec.fixed_damping is None:
+        _damping_value(damping, torch.ones(1))  # validate early, before any data pass
+    dev = resolve_device(model, device)
+    if any(p.device != dev for p in model.parameters()):
+        model.to(dev)
+    tracked = modules if isinstance(modules, dict) else select_modules(model, modules)
+    if not tracked:
+        raise InfluenceError("nothing to track: the module selection is empty")
+    ctx = FitContext(model, loader, tracked, dev, fisher, seed, on_batch, reference)
+    layers, total = spec.fit(ctx)
+    for layer in layers.values():
+        if spec.fixed_damping is not None:
+            layer.damping = spec.fixed_damping
+        else:
+            layer.damping = _damping_value(damping, layer.eigenvalues)
+        layer.eigenvalues = layer.eigenvalues.to(dtype)
+        if layer.q_s is not None:
+            layer.q_s = layer.q_s.to(dtype)
+        if layer.q_a is not None:
+            layer.q_a = layer.q_a.to(dtype)
+    return Factors(
+        strategy=strategy,
+        damping_rule=damping if spec.fixed_damping is None else "none",
+        fisher=fisher,
+        num_examples=total,
+        layers=layers,
+    )
+
+
+def dense_preconditioner(layer: LayerFactors) -> Tensor:
+    """Reference (Q_S ⊗ Q_A) diag(vec(Λ) + λ)⁻¹ (Q_S ⊗ Q_A)ᵀ, row-major vec, float64.
+
+    Size (d_out·d_in)²: only for tiny layers in tests.
+    """
+    q_s = torch.eye(layer.d_out, dtype=torch.float64) if layer.q_s is None else layer.q_s.double().cpu()
+    q_a = torch.eye(layer.d_in, dtype=torch.float64) if layer.q_a is None else layer.q_a.double().cpu()
+    basis = torch.kron(q_s, q_a)
+    inv = 1.0 / (layer.eigenvalues.double().cpu().reshape(-1) + layer.damping)
+    return (basis * inv) @ basis.T

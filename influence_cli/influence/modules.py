@@ -1,0 +1,367 @@
+"""Which layers are tracked, and capturing their per-example inputs and output-gradients.
+
+Influence needs, for every tracked layer and every example i, the gradient of that
+example's loss w.r.t. the layer's weight, G_i = sum_p g_ip a_ip^T (d_out x d_in, bias
+folded in as the last input column). We never ask autograd for weight gradients: a
+forward hook records the layer's input ``a`` and its output tensor, and one
+``torch.autograd.grad(loss, outputs)`` gives ``g``. That skips the weight-gradient GEMMs
+and lets the callers exploit the rank structure of G_i (rank one for plain Linear).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from influence_cli.errors import InfluenceError
+
+__all__ = [
+    "TRACKED_TYPES",
+    "LayerBatch",
+    "ActivationCapture",
+    "select_modules",
+    "layer_kind",
+    "layer_shape",
+    "eval_mode",
+    "unsupported_reason",
+]
+
+TRACKED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why a Linear/Conv2d cannot be tracked (its gradient is not sum_p g a^T), or None."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"groups={module.groups}"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r}"
+    return None
+
+
+def layer_kind(module: nn.Module) -> str:
+    """'linear' or 'conv2d' (subclasses count)."""
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    raise InfluenceError(f"module of type {type(module).__name__} cannot be tracked")
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int, bool]:
+    """(d_out, d_in, has_bias) of the weight matrix with the bias folded in as a column."""
+    weight = module.weight
+    has_bias = getattr(module, "bias", None) is not None
+    d_out = weight.shape[0]
+    d_in = weight[0].numel() + (1 if has_bias else 0)
+    return d_out, d_in, has_bias
+
+
+def select_modules(model: nn.Module, patterns: list[str] | None = None) -> dict[str, nn.Module]:
+    """The tracked layers of ``model`` by qualified name.
+
+    Every ``nn.Linear`` and ``nn.Conv2d`` (subclasses included), or only those whose name
+    matches one of the fnmatch ``patterns``. Parameterised modules that stay untracked
+    (BatchNorm, Embedding, grouped convolutions...) are listed in one warning, because
+    their parameters silently drop out of the influence estimate.
+    """
+    tracked: dict[str, nn.Module] = {}
+    untracked: list[str] = []
+    candidates: list[str] = []
+    for name, module in model.named_modules():
+        label = name or "<root>"
+        if isinstance(module, TRACKED_TYPES):
+            reason = unsupported_reason(module)
+            if reason is not None:
+                untracked.append(f"{label} ({type(module).__name__}, {reason})")
+                continue
+            candidates.append(label)
+            if patterns is None or any(fnmatchcase(name, p) for p in patterns):
+                tracked[name] = module
+        elif any(True for _ in module.parameters(recurse=False)):
+            untracked.append(f"{label} ({type(module).__name__})")
+    if untracked:
+        warnings.warn(
+            "influence: parameters of these modules are not tracked (only Linear and "
+            "ungrouped zero-padded Conv2d are): " + ", ".join(untracked),
+            stacklevel=2,
+        )
+    if not tracked:
+        if patterns is not None:
+            hint = f"no Linear/Conv2d module matches the patterns {list(patterns)}"
+            if candidates:
+                shown = ", ".join(candidates[:20]) + (" ..." if len(candidates) > 20 else "")
+                hint += f"; trackable modules are: {shown}"
+        else:
+            hint = "the model has no Linear or Conv2d module that can be tracked"
+        raise InfluenceError(f"nothing to track: {hint}")
+    return tracked
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run in eval mode (deterministic dropout/BatchNorm), restoring every submodule's mode."""
+    previous = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in previous:
+            module.training = mode
+
+
+@dataclass
+class LayerBatch:
+    """One tracked layer's data for a batch of n examples.
+
+    a: (n, P, d_in) inputs, bias ones column last when the layer has a bias.
+    g: (n, P, d_out) gradients of the summed loss w.r.t. the layer's outputs.
+    The per-example weight gradient is G_i = g_i^T a_i.
+    """
+
+    a: Tensor
+    g: Tensor
+
+    @property
+    def n(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def positions(self) -> int:
+        return self.a.shape[1]
+
+
+@dataclass
+class _Call:
+    inputs: Tensor
+    input_version: int
+    output: Tensor
+    output_version: int
+    order: int
+
+
+class ActivationCapture:
+    """Forward hooks that record tracked layers' inputs and outputs for one forward pass.
+
+    Usage::
+
+        with ActivationCapture(modules) as cap:
+            logits = cap.forward(model, x)
+            loss = F.cross_entropy(logits, y, reduction="sum")
+            layers = cap.gradients(loss)   # {name: LayerBatch}
+
+    If a later operation modifies a recorded tensor in place (``ReLU(inplace=True)``,
+    ``x += residual``), the forward pass is re-run once with protective copies, so the
+    recorded values are always the layer's own input and output.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], dtype: torch.dtype | None = None):
+        self.modules = dict(modules)
+        self.dtype = dtype
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._calls: dict[str, list[_Call]] = {}
+        self._protect = False
+        self._batch_size = 0
+        self._order = 0
+
+    def __enter__(self) -> "ActivationCapture":
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._calls = {}
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: object) -> Tensor | None:
+            if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+                raise InfluenceError(
+                    f"tracked module {name!r} must take and return a single tensor"
+                )
+            x = args[0].detach()
+            if self._protect:
+                x = x.clone()
+            replacement: Tensor | None = None
+            out = output
+            if not out.requires_grad:
+                # Frozen upstream: make the output a leaf so we can differentiate to it.
+                out = out.detach().requires_grad_()
+                replacement = out.clone()
+            elif self._protect:
+                replacement = out.clone()
+            self._order += 1
+            self._calls[name].append(_Call(x, x._version, out, out._version, self._order))
+            return replacement
+
+        return hook
+
+    def forward(self, model: nn.Module, inputs: Tensor) -> Tensor:
+        """Run the model once with grad enabled and record every tracked layer."""
+        self._batch_size = inputs.shape[0] if isinstance(inputs, Tensor) else len(inputs)
+        for _attempt in range(2):
+            self._calls = {name: [] for name in self.modules}
+            with torch.enable_grad():
+                output = model(inputs)
+            missing = [name for name, calls in self._calls.items() if not calls]
+            if missing:
+                self._calls = {}
+                names = ", ".join(repr(m) for m in missing)
+                raise InfluenceError(
+                    f"tracked module(s) {names} never ran their forward() during the "
+                    "forward pass (e.g. nn.MultiheadAttention's out_proj bypasses it); "
+                    "exclude them with `influence.modules` patterns that list only the "
+                    "layers to track"
+                )
+            if self._modified_in_place():
+                if self._protect:
+                    raise InfluenceError("a tracked layer's input changed during the forward pass")
+                self._protect = True
+                continue
+            logits = _logits(output)
+            if not bool(torch.isfinite(logits.detach()).all()):
+                culprit = self._first_non_finite()
+                self._calls = {}
+                raise InfluenceError(
+                    "the model produced non-finite outputs"
+                    + (f"; first non-finite values at tracked layer {culprit}" if culprit else "")
+                    + " (check the inputs, the checkpoint, and the layer's scale)"
+                )
+            return logits
+        raise AssertionError("unreachable")
+
+    def _first_non_finite(self) -> str | None:
+        """The first tracked layer (in call order) whose input or output is not finite."""
+        records = [
+            (call.order, name, call) for name, calls in self._calls.items() for call in calls
+        ]
+        for _order, name, call in sorted(records, key=lambda r: r[0]):
+            if not bool(torch.isfinite(call.inputs).all()):
+                return f"{name!r} (its input)"
+            if not bool(torch.isfinite(call.output.detach()).all()):
+                return f"{name!r} (its output)"
+        return None
+
+    def _modified_in_place(self) -> bool:
+        for calls in self._calls.values():
+            for call in calls:
+                if call.inputs._version != call.input_version:
+                    return True
+                if call.output._version != call.output_version:
+                    return True
+        return False
+
+    def gradients(self, loss: Tensor) -> dict[str, LayerBatch]:
+        """Differentiate ``loss`` w.r.t. the recorded outputs only; build (a, g) per layer.
+
+        Frees the recorded graph. Weight gradients are never computed.
+        """
+        names: list[str] = []
+        outputs: list[Tensor] = []
+        for name, calls in self._calls.items():
+            for call in calls:
+                names.append(name)
+                outputs.append(call.output)
+        grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+        calls_by_name = self._calls
+        self._calls = {}
+        result: dict[str, LayerBatch] = {}
+        index = 0
+        with torch.no_grad():
+            for name, calls in calls_by_name.items():
+                pieces_a: list[Tensor] = []
+                pieces_g: list[Tensor] = []
+                for call in calls:
+                    grad = grads[index]
+                    if grad is None:
+                        grad = torch.zeros_like(call.output)
+                    index += 1
+                    a, g = self._layer_data(name, self.modules[name], call.inputs, grad)
+                    pieces_a.append(a)
+                    pieces_g.append(g)
+                if len(pieces_a) == 1:
+                    result[name] = LayerBatch(pieces_a[0], pieces_g[0])
+                else:
+                    if len({p.shape[0] for p in pieces_a}) != 1:
+                        raise InfluenceError(
+                            f"tracked module {name!r} was called on tensors with different "
+                            "batch sizes in one forward pass"
+                        )
+                    result[name] = LayerBatch(torch.cat(pieces_a, 1), torch.cat(pieces_g, 1))
+        return result
+
+    def _cast(self, t: Tensor) -> Tensor:
+        dtype = self.dtype or torch.promote_types(t.dtype, torch.float32)
+        return t if t.dtype == dtype else t.to(dtype)
+
+    def _layer_data(
+        self, name: str, module: nn.Module, x: Tensor, grad: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        n = x.shape[0]
+        if n != self._batch_size:
+            raise InfluenceError(
+                f"tracked module {name!r} received a tensor whose first dimension ({n}) is "
+                f"not the batch size ({self._batch_size}); only batch-first layers are supported"
+            )
+        has_bias = getattr(module, "bias", None) is not None
+        x = self._cast(x)
+        grad = self._cast(grad)
+        if isinstance(module, nn.Conv2d):
+            if x.dim() != 4:
+                raise InfluenceError(f"tracked Conv2d {name!r} needs (N, C, H, W) input")
+            patches = unfold_conv_input(module, x)  # (n, C*kh*kw, L)
+            d_raw, positions = patches.shape[1], patches.shape[2]
+            a = x.new_empty(n, positions, d_raw + (1 if has_bias else 0))
+            a[:, :, :d_raw].copy_(patches.transpose(1, 2))
+            if has_bias:
+                a[:, :, d_raw].fill_(1.0)
+            d_out = grad.shape[1]
+            g = grad.reshape(n, d_out, -1).transpose(1, 2)  # (n, L, d_out) view
+            if g.shape[1] != positions:
+                raise InfluenceError(f"unfolded patches of {name!r} do not match its output")
+            return a, g
+        if x.dim() < 2:
+            raise InfluenceError(f"tracked Linear {name!r} needs batched input (N, ..., d)")
+        d_raw = x.shape[-1]
+        a = x.reshape(n, -1, d_raw)
+        if has_bias:
+            a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
+        g = grad.reshape(n, -1, grad.shape[-1])
+        return a, g
+
+
+def unfold_conv_input(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """Patches (N, C*kh*kw, L) laid out like ``weight.reshape(d_out, -1)``."""
+    padding = module.padding
+    if isinstance(padding, str):
+        if padding == "same":
+            x = F.pad(x, module._reversed_padding_repeated_twice)
+        padding = 0
+    return F.unfold(
+        x,
+        kernel_size=module.kernel_size,
+        dilation=module.dilation,
+        padding=padding,
+        stride=module.stride,
+    )
+
+
+def _logits(output: object) -> Tensor:
+    """The logits tensor of a model output (tensor, object with .logits, or tuple)."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise InfluenceError("the model must return a logits tensor of shape (N, classes)")

@@ -1,0 +1,164 @@
+"""Applying a layer's preconditioner (H + λI)⁻¹ in its eigenbasis, one interface for all.
+
+Every strategy stores, per layer, an eigenbasis (Q_S, Q_A; None = identity) and
+eigenvalues Λ (d_out × d_in), so
+
+    P(G) = Q_S [(Q_Sᵀ G Q_A) / (Λ + λ)] Q_Aᵀ.
+
+Identity bases skip their rotation. The kernels here also turn captured (a, g) into
+rotated per-example gradients cheaply; fitting and scoring share them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from influence_cli.influence.factors import Factors, LayerFactors
+
+__all__ = [
+    "LayerOperator",
+    "operators",
+    "precondition",
+    "precondition_all",
+    "per_example_grads",
+    "rotated_per_example_grads",
+    "reference_rotated_grads",
+    "chunk_size",
+]
+
+# Per-chunk budget (elements) for per-example gradient tensors built in one go.
+_CHUNK_ELEMENTS = 24 * 1024 * 1024
+
+
+def chunk_size(per_example: int, budget: int = _CHUNK_ELEMENTS) -> int:
+    """How many examples fit the budget when each needs ``per_example`` elements."""
+    return max(1, budget // max(1, per_example))
+
+
+def per_example_grads(a: Tensor, g: Tensor) -> Tensor:
+    """G_i = Σ_p g_ip a_ipᵀ for a (n, P, d_in), g (n, P, d_out) → (n, d_out, d_in)."""
+    return torch.bmm(g.transpose(1, 2), a)
+
+
+def _rotate_rows(x: Tensor, q: Tensor) -> Tensor:
+    """x @ q over the last dimension of a (n, P, d) tensor as one GEMM."""
+    n, p, d = x.shape
+    return torch.mm(x.reshape(n * p, d), q).view(n, p, q.shape[1])
+
+
+def rotated_per_example_grads(
+    a: Tensor, g: Tensor, q_a: Tensor | None, q_s: Tensor | None
+) -> Tensor:
+    """Q_Sᵀ G_i Q_A for every example, rotating each side where it costs fewer flops.
+
+    Rotating the A side per position costs P·d_in², after contraction d_out·d_in², so it
+    rotates per position iff P < d_out; likewise the S side iff P < d_in. The contraction
+    Σ_p g_p a_pᵀ is one batched matmul.
+    """
+    n, positions, d_in = a.shape
+    d_out = g.shape[2]
+    a_first = q_a is not None and positions < d_out
+    s_first = q_s is not None and positions < d_in
+    if a_first:
+        a = _rotate_rows(a, q_a)
+    if s_first:
+        g = _rotate_rows(g, q_s)
+    grads = torch.bmm(g.transpose(1, 2), a)  # (n, d_out, d_in)
+    if q_a is not None and not a_first:
+        grads = torch.mm(grads.view(n * d_out, d_in), q_a).view(n, d_out, d_in)
+    if q_s is not None and not s_first:
+        grads = torch.matmul(q_s.T, grads)
+    return grads
+
+
+def reference_rotated_grads(
+    a: Tensor, g: Tensor, q_a: Tensor | None, q_s: Tensor | None
+) -> Tensor:
+    """Slow reference: build every G_i explicitly, then Q_Sᵀ G_i Q_A."""
+    grads = torch.einsum("npo,npi->noi", g, a)
+    if q_a is not None:
+        grads = grads @ q_a
+    if q_s is not None:
+        grads = q_s.T @ grads
+    return grads
+
+
+class LayerOperator:
+    """A layer's factors on the compute device/dtype, with W = 1/(Λ + λ) precomputed."""
+
+    def __init__(self, layer: "LayerFactors", device: torch.device | str, dtype: torch.dtype):
+        self.name = layer.name
+        self.kind = layer.kind
+        self.d_out = layer.d_out
+        self.d_in = layer.d_in
+        self.has_bias = layer.has_bias
+        self.damping = float(layer.damping)
+        self.q_s = None if layer.q_s is None else layer.q_s.to(device=device, dtype=dtype)
+        self.q_a = None if layer.q_a is None else layer.q_a.to(device=device, dtype=dtype)
+        lam = layer.eigenvalues.to(device=device, dtype=torch.float64)
+        self.inverse = (1.0 / (lam + self.damping)).to(dtype)  # W (d_out, d_in)
+
+    @property
+    def identity_bases(self) -> bool:
+        return self.q_s is None and self.q_a is None
+
+    def rotate_vectors(self, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """ã = a Q_A, g̃ = g Q_S for rank-one rows a (n, d_in), g (n, d_out)."""
+        a_rot = a if self.q_a is None else a @ self.q_a
+        g_rot = g if self.q_s is None else g @ self.q_s
+        return a_rot, g_rot
+
+    def rotated_grads(self, a: Tensor, g: Tensor) -> Tensor:
+        """Q_Sᵀ G_i Q_A (n, d_out, d_in) from captured a (n, P, d_in), g (n, P, d_out)."""
+        return rotated_per_example_grads(a, g, self.q_a, self.q_s)
+
+    def rotate(self, grads: Tensor) -> Tensor:
+        """Q_Sᵀ G Q_A for a batch (T, d_out, d_in)."""
+        t = grads.shape[0]
+        if self.q_a is not None:
+            grads = torch.mm(grads.reshape(t * self.d_out, self.d_in), self.q_a).view(
+                t, self.d_out, self.d_in
+            )
+        if self.q_s is not None:
+            grads = torch.matmul(self.q_s.T, grads)
+        return grads
+
+    def unrotate(self, grads: Tensor) -> Tensor:
+        """Q_S G̃ Q_Aᵀ for a batch (T, d_out, d_in)."""
+        t = grads.shape[0]
+        if self.q_a is not None:
+            grads = torch.mm(grads.reshape(t * self.d_out, self.d_in), self.q_a.T).view(
+                t, self.d_out, self.d_in
+            )
+        if self.q_s is not None:
+            grads = torch.matmul(self.q_s, grads)
+        return grads
+
+    def apply(self, grads: Tensor) -> Tensor:
+        """P(G) for a batch of gradient matrices (T, d_out, d_in) → same shape."""
+        return self.unrotate(self.rotate(grads) * self.inverse)
+
+
+def operators(
+    factors: "Factors", device: torch.device | str, dtype: torch.dtype
+) -> dict[str, LayerOperator]:
+    """One operator per stored layer."""
+    return {name: LayerOperator(layer, device, dtype) for name, layer in factors.layers.items()}
+
+
+def precondition(layer: "LayerFactors", grads: Tensor) -> Tensor:
+    """P(G) = Q_S [(Q_Sᵀ G Q_A) / (Λ + λ)] Q_Aᵀ for grads (T, d_out, d_in)."""
+    squeeze = grads.dim() == 2
+    if squeeze:
+        grads = grads.unsqueeze(0)
+    out = LayerOperator(layer, grads.device, grads.dtype).apply(grads)
+    return out.squeeze(0) if squeeze else out
+
+
+def precondition_all(factors: "Factors", grads: dict[str, Tensor]) -> dict[str, Tensor]:
+    """P applied per layer to {name: (T, d_out, d_in)}."""
+    return {name: precondition(factors.layers[name], g) for name, g in grads.items()}
