@@ -199,6 +199,153 @@ def self_influence_command(
             write_csv(result.table, out)
 
 
+@app.command()
+@handle_errors
+def score(
+    test_csv: Path = typer.Argument(
+        ...,
+        help="CSV of test rows: an 'index' column (rows of the test split), 'path' (image files, relative to the CSV) "
+        "or the feature columns of a table; optional 'label' and 'id' columns.",
+        show_default=False,
+    ),
+    config: Optional[str] = ConfigOption,
+    set_: Optional[List[str]] = SetOption,
+    top: int = typer.Option(10, "--top", "-n", min=1, help="Proponents and opponents kept per test row."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="CSV to write (default runs/<name>/scores/<stem>.csv; '-' for stdout)."
+    ),
+    strategy: Optional[str] = typer.Option(
+        None, "--strategy", "-s", help="Curvature approximation: ekfac (default), kfac, diagonal or identity."
+    ),
+    measurement: str = typer.Option(
+        "loss", "--measurement", "-m", help="What to explain: 'loss' (of the label) or 'margin' (logit of the label minus the others)."
+    ),
+    matrix: Optional[Path] = typer.Option(
+        None, "--matrix", help="Also write the full test × train score matrix (safetensors, with row and column ids)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Refit stale curvature factors instead of refusing."),
+) -> None:
+    """Explain predictions: the training examples that pushed each test row towards its label (proponents) and away (opponents).
+
+    score(train i, test t) = g_tᵀ(H + λI)⁻¹g_i; positive = proponent. Rows without a label are
+    measured against the model's prediction.
+    """
+    from influence_cli.audit.score_table import render_score_table
+    from influence_cli.pipeline import run_score
+
+    if measurement not in ("loss", "margin"):
+        raise InflError(f"--measurement: '{measurement}' is not one of loss, margin")
+    session = open_session(config, set_)
+    result = run_score(
+        session,
+        test_csv,
+        top=top,
+        strategy=check_strategy(strategy),
+        measurement=measurement,
+        matrix_path=matrix,
+        out=out,
+        overwrite=overwrite,
+    )
+    render_score_table(result.table, err, title=f"{session.config.name}: training examples behind each prediction")
+    unlabeled = int((result.queries.labels < 0).sum())
+    if unlabeled:
+        err.print(f"{unlabeled} row(s) had no label: measured against the model's prediction (test_label is empty).")
+    target = out if out is not None and str(out) != "-" else session.run.scores_csv(Path(test_csv).stem)
+    extra = f", matrix → {escape(str(matrix))}" if matrix else ""
+    err.print(
+        f"{len(result.queries.ids)} test rows scored against {len(session.data().train)} training examples "
+        f"in {result.seconds:.1f} s → {escape(str(target))}{extra}",
+        highlight=False,
+    )
+    if out is not None and str(out) == "-":
+        result.table.to_csv(sys.stdout, index=False)
+
+
+@app.command()
+@handle_errors
+def check(
+    config: Optional[str] = ConfigOption,
+    set_: Optional[List[str]] = SetOption,
+    max_flagged_fraction: Optional[float] = typer.Option(
+        None, "--max-flagged-fraction", min=0.0, max=1.0,
+        help="Fail when more than this share of examples is flagged (default audit.check, else 0.02).",
+    ),
+    max_flagged: Optional[int] = typer.Option(None, "--max-flagged", min=0, help="Fail when more than N examples are flagged."),
+    baseline: Optional[Path] = typer.Option(
+        None, "--baseline", help="Accepted earlier mislabels.csv/check.csv: its ids do not count."
+    ),
+    write_baseline: Optional[Path] = typer.Option(
+        None, "--write-baseline", help="Write every currently flagged example to this CSV, to accept them."
+    ),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML report (one test case per threshold)."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write a Markdown summary here."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", "-s", help="Curvature approximation (default ekfac)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Refit stale curvature factors instead of refusing."),
+) -> None:
+    """Data-quality gate for CI: exit 0 within thresholds, 1 when exceeded, 2 on bad input.
+
+    Flagged examples follow audit.flag (see README). With --baseline only new suspects count.
+    Appends a Markdown summary to $GITHUB_STEP_SUMMARY when that is set.
+    """
+    from influence_cli.audit.check import junit_xml, markdown_summary
+    from influence_cli.audit.report import render_self_influence_table, write_csv
+    from influence_cli.pipeline import run_check
+    from influence_cli.run import atomic_write_text
+
+    session = open_session(config, set_)
+    outcome = run_check(
+        session,
+        max_flagged_fraction=max_flagged_fraction,
+        max_flagged=max_flagged,
+        baseline=baseline,
+        strategy=check_strategy(strategy),
+        overwrite=overwrite,
+    )
+    result = outcome.result
+    name = session.config.name
+    if write_baseline is not None:
+        flagged = outcome.self_influence.table
+        write_csv(flagged[flagged["flagged"]], write_baseline)
+        err.print(f"baseline: {int(flagged['flagged'].sum())} flagged examples → {escape(str(write_baseline))}")
+    if junit is not None:
+        atomic_write_text(junit, junit_xml(result, f"infl check {name}"))
+    summary_md = markdown_summary(result, name)
+    if markdown is not None:
+        atomic_write_text(markdown, summary_md)
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if step_summary:
+        with open(step_summary, "a", encoding="utf-8") as handle:
+            handle.write(summary_md)
+    if len(result.offenders):
+        render_self_influence_table(result.offenders, 20, err, f"{name}: flagged examples not in the baseline")
+    for threshold in result.thresholds:
+        mark = "[green]pass[/green]" if threshold.passed else "[bold red]FAIL[/bold red]"
+        err.print(f"{mark} {threshold.name}: {threshold.describe()} ({outcome.thresholds_from})", highlight=False)
+    err.print(
+        f"{result.total} examples, {result.flagged_total} flagged, {result.baseline_matched} in the baseline, "
+        f"{len(result.offenders)} counted → {escape(str(session.run.root / 'check.csv'))}",
+        highlight=False,
+    )
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def report(
+    config: Optional[str] = ConfigOption,
+    set_: Optional[List[str]] = SetOption,
+    top: int = typer.Option(50, "--top", "-n", min=1, help="Suspects shown as cards in the gallery."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", "-s", help="Curvature approximation (default ekfac)."),
+) -> None:
+    """Write runs/<name>/report.html: a self-contained gallery of the top suspects."""
+    from influence_cli.pipeline import run_report
+
+    session = open_session(config, set_)
+    path, si = run_report(session, strategy=check_strategy(strategy), top=top)
+    err.print(f"report: {escape(str(path))} ({si.summary['run']['flagged']} flagged of {si.summary['run']['examples']})")
+
+
 @config_app.command("list")
 @handle_errors
 def config_list() -> None:

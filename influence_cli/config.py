@@ -141,7 +141,7 @@ class FlagConfig(_Strict):
     """Which training examples get flagged as suspects (see README, "Flagging rule")."""
 
     rule: Literal["mad", "top_fraction"] = "mad"
-    k: float = Field(3.0, gt=0.0, description="mad: flag log self-influence above median + k * MAD")
+    k: float = Field(1.5, gt=0.0, description="mad: flag when log self-influence is more than k robust standard deviations above the median")
     fraction: float = Field(0.02, gt=0.0, le=1.0, description="top_fraction: flag this share of the ranking")
     require_disagreement: bool = Field(True, description="only flag examples whose given label is not the model's choice")
 

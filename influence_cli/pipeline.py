@@ -7,6 +7,7 @@ exactly one of these per command and renders what it returns.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -235,3 +236,216 @@ def run_self_influence(session: Session, strategy: Optional[str] = None, *, over
     write_csv(table[table["flagged"]], run.mislabels_csv)
     write_json(summary, run.summary_json)
     return SelfInfluenceResult(table, summary, seconds, state, fstate)
+
+
+# ----------------------------------------------------------------------------- scores
+
+SCORE_COLUMNS = [
+    "test_id", "test_label", "test_predicted", "rank", "train_index", "train_id", "train_label", "influence", "role",
+]
+
+
+@dataclass
+class ScoreResult:
+    table: Any  # pandas DataFrame with SCORE_COLUMNS
+    queries: Any  # QueryRows
+    predicted: np.ndarray  # (T,) predicted class per test row
+    measured: np.ndarray  # (T,) the label each row was measured against
+    seconds: float
+    model_state: ModelState
+    strategy: str
+    matrix_path: Optional[Any] = None
+
+
+def _score_rows(
+    queries: Any,
+    predicted: np.ndarray,
+    values_p: np.ndarray,
+    index_p: np.ndarray,
+    values_o: np.ndarray,
+    index_o: np.ndarray,
+    train: Any,
+    class_names: list[str],
+) -> Any:
+    import pandas as pd
+
+    labels = queries.labels.numpy()
+    train_labels = train.labels.numpy()
+    rows = []
+    for t in range(len(queries.ids)):
+        test_label = class_names[labels[t]] if labels[t] >= 0 else ""
+        common = (queries.ids[t], test_label, class_names[int(predicted[t])])
+        for role, values, indices, keep in (
+            ("proponent", values_p[t], index_p[t], lambda v: v > 0),
+            ("opponent", values_o[t], index_o[t], lambda v: v < 0),
+        ):
+            rank = 0
+            for value, index in zip(values, indices):
+                if not keep(value):
+                    continue
+                rank += 1
+                rows.append(
+                    (*common, rank, int(index), train.ids[int(index)], class_names[int(train_labels[index])], float(value), role)
+                )
+    return pd.DataFrame(rows, columns=SCORE_COLUMNS)
+
+
+def run_score(
+    session: Session,
+    csv_path: Any,
+    *,
+    top: int = 10,
+    strategy: Optional[str] = None,
+    measurement: str = "loss",
+    matrix_path: Optional[Any] = None,
+    out: Optional[Any] = None,
+    overwrite: bool = False,
+) -> ScoreResult:
+    """Score test rows from a CSV against every training example; keep the top N each way."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from influence_cli.audit.report import write_csv
+    from influence_cli.data.queries import read_query_rows
+    from influence_cli.influence.scores import pairwise_scores
+    from influence_cli.run import atomic_path
+
+    config, run, reporter = session.config, session.run, session.reporter
+    strategy = strategy or config.influence.strategy
+    start = time.perf_counter()
+    csv_path = Path(csv_path)
+    data = session.data()
+    queries = read_query_rows(csv_path, config, data)
+    state = ensure_model(session)
+    fstate = ensure_factors(session, state, strategy, overwrite=overwrite)
+    with torch.no_grad():
+        logits = state.model(queries.inputs)
+    predicted = logits.argmax(1).numpy()
+    measured = np.where(queries.labels.numpy() >= 0, queries.labels.numpy(), predicted)
+    device = influence_device(config)
+    loader = BatchLoader(data.train, config.influence.batch_size)
+    k = min(top, len(data.train))
+    with reporter.stages(len(data.train)) as on_batch:
+        result = pairwise_scores(
+            state.model,
+            fstate.factors,
+            loader,
+            queries.inputs,
+            torch.as_tensor(measured),
+            measurement=measurement,
+            top=None if matrix_path else k,
+            device=device,
+            on_batch=on_batch,
+        )
+    state.model.cpu()
+    if matrix_path:
+        matrix = result.detach().cpu().float()
+        order = torch.argsort(matrix, dim=1, descending=True, stable=True)
+        values_p, index_p = torch.gather(matrix, 1, order[:, :k]), order[:, :k]
+        values_o, index_o = torch.gather(matrix, 1, order.flip(1)[:, :k]), order.flip(1)[:, :k]
+        metadata = {
+            "test_ids": json.dumps(list(queries.ids)),
+            "train_ids": json.dumps(list(data.train.ids)),
+            "measurement": measurement,
+            "strategy": strategy,
+            "sign": "positive = training example is a proponent of the test row",
+        }
+        with atomic_path(Path(matrix_path)) as tmp:
+            save_file({"scores": matrix.contiguous()}, str(tmp), metadata=metadata)
+    else:
+        values_p, index_p = result.proponent_scores, result.proponent_indices
+        values_o, index_o = result.opponent_scores, result.opponent_indices
+    table = _score_rows(
+        queries,
+        predicted,
+        values_p.double().numpy(),
+        index_p.numpy(),
+        values_o.double().numpy(),
+        index_o.numpy(),
+        data.train,
+        list(data.class_names),
+    )
+    if not np.all(np.isfinite(table["influence"].to_numpy(dtype=float))):
+        raise InflError("scores are not finite: set influence.damping to a larger number")
+    target = Path(out) if out is not None and str(out) != "-" else run.scores_csv(csv_path.stem)
+    write_csv(table, target)
+    return ScoreResult(
+        table, queries, predicted, measured, time.perf_counter() - start, state, strategy, matrix_path
+    )
+
+
+# ----------------------------------------------------------------------------- check and report
+
+
+@dataclass
+class CheckOutcome:
+    result: Any  # audit.check.CheckResult
+    self_influence: SelfInfluenceResult
+    thresholds_from: str
+
+
+DEFAULT_MAX_FLAGGED_FRACTION = 0.02
+
+
+def run_check(
+    session: Session,
+    *,
+    max_flagged_fraction: Optional[float] = None,
+    max_flagged: Optional[int] = None,
+    baseline: Optional[Any] = None,
+    strategy: Optional[str] = None,
+    overwrite: bool = False,
+) -> CheckOutcome:
+    """Self-influence audit plus the thresholds; writes runs/<name>/check.csv."""
+    from pathlib import Path
+
+    from influence_cli.audit.check import evaluate_check, read_baseline
+    from influence_cli.audit.report import write_csv
+
+    config = session.config
+    baseline_ids = read_baseline(Path(baseline)) if baseline else None
+    if max_flagged_fraction is None and max_flagged is None:
+        max_flagged_fraction = config.audit.check.max_flagged_fraction
+        max_flagged = config.audit.check.max_flagged
+        source = "audit.check"
+        if max_flagged_fraction is None and max_flagged is None:
+            max_flagged_fraction = DEFAULT_MAX_FLAGGED_FRACTION
+            source = "default"
+    else:
+        source = "command line"
+    si = run_self_influence(session, strategy, overwrite=overwrite)
+    result = evaluate_check(
+        si.table, max_flagged_fraction=max_flagged_fraction, max_flagged=max_flagged, baseline_ids=baseline_ids
+    )
+    write_csv(result.offenders, session.run.root / "check.csv")
+    return CheckOutcome(result, si, source)
+
+
+def run_report(session: Session, *, strategy: Optional[str] = None, top: int = 50) -> Any:
+    """Write runs/<name>/report.html from a fresh (or reused) self-influence audit."""
+    from influence_cli.audit.report import write_html_report
+
+    si = run_self_influence(session, strategy)
+    data = session.data()
+    meta = {
+        "config": session.config.name,
+        "data source": session.config.data.source,
+        "strategy": si.summary["run"]["strategy"],
+        "training examples": si.summary["run"]["examples"],
+        "flagged": si.summary["run"]["flagged"],
+        "test accuracy": f"{si.model_state.test_accuracy:.3f}",
+        "infl version": __version__,
+    }
+    path = session.run.report_html
+    write_html_report(
+        path,
+        si.table,
+        si.summary,
+        title=f"infl audit: {session.config.name}",
+        display=data.train.display,
+        kind=data.kind,
+        top=top,
+        meta=meta,
+    )
+    return path, si

@@ -10,7 +10,7 @@ Let ``s_i`` be the self-influence of training example ``i`` (N examples). Self-i
 is ``g_iᵀ (H + λI)⁻¹ g_i``: large when the model had to bend itself around the example.
 First a set of *candidates* is chosen by ``audit.flag.rule``:
 
-``rule: mad`` (default, ``k: 3``)
+``rule: mad`` (default; ``k`` is ``audit.flag.k``)
     ``x_i = log(max(s_i, tiny))`` (``tiny`` = the smallest positive float64, so zero or
     slightly negative round-off values never produce ``-inf``), ``m = median(x)``,
     ``MAD = median(|x_i - m|)`` and ``z_i = (x_i - m) / (1.4826 · MAD)``.
@@ -22,7 +22,7 @@ First a set of *candidates* is chosen by ``audit.flag.rule``:
     to ``1.2533 · mean(|x_i - m|)`` (the mean absolute deviation, scaled the same way); if
     that is zero too (all scores equal) there are no candidates.
 
-``rule: top_fraction`` (``fraction: 0.02``)
+``rule: top_fraction`` (``fraction`` is ``audit.flag.fraction``)
     The candidates are the first ``ceil(fraction · N)`` rows of the ranking (highest
     self-influence first, ties broken by the lower training index).
 

@@ -32,10 +32,13 @@ from influence_cli.errors import FactorsError, InfluenceError
 from influence_cli.influence.modules import (
     ActivationCapture,
     LayerBatch,
+    Workspace,
     eval_mode,
     layer_kind,
     layer_shape,
     select_modules,
+    to_internal_order,
+    to_weight_order,
 )
 from influence_cli.influence.precondition import (
     chunk_size,
@@ -62,6 +65,7 @@ FACTORS_FILE = "factors.safetensors"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 AUTO_DAMPING_SCALE = 0.1
+DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
 ProgressCallback = Callable[[str, int], None]
 
 
@@ -292,6 +296,7 @@ class FitContext:
     seed: int
     on_batch: ProgressCallback | None
     reference: bool = False
+    cache_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -361,7 +366,8 @@ def captured_batches(
     same sampled labels (given the loader order).
     """
     generator = torch.Generator().manual_seed(int(ctx.seed))
-    with torch.no_grad(), eval_mode(ctx.model), ActivationCapture(ctx.modules) as capture:
+    capture = ActivationCapture(ctx.modules, workspace=Workspace())
+    with torch.no_grad(), eval_mode(ctx.model), capture:
         for inputs, labels in iterate_batches(ctx.loader, ctx.device):
             logits = capture.forward(ctx.model, inputs)
             if ctx.fisher == "true":
@@ -378,35 +384,101 @@ def captured_batches(
                 ctx.on_batch(stage, n)
 
 
-def _gram(x: Tensor) -> Tensor:
-    """xᵀx for a tall (rows, d) matrix."""
-    return torch.mm(x.T, x)
+_GRAM_BLOCKS = 3
+_GRAM_MIN_DIM = 256
 
 
-def _fit_covariances(ctx: FitContext) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
-    """Pass 1: A = E_{i,p}[a aᵀ], S = E_i[Σ_p g gᵀ] in float64."""
+def _accumulate_gram(acc: Tensor, x: Tensor) -> None:
+    """acc += xᵀx for a tall (rows, d) matrix, in place (no temporaries).
+
+    For wide matrices only the upper block-triangle is accumulated (⅔ of the flops with
+    3 blocks; torch has no syrk); call ``_mirror_upper`` once at the end.
+    """
+    d = x.shape[1]
+    if not _blocked_gram(d):
+        acc.addmm_(x.T, x)
+        return
+    edges = [round(i * d / _GRAM_BLOCKS) for i in range(_GRAM_BLOCKS + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        acc[lo:hi, lo:].addmm_(x[:, lo:hi].T, x[:, lo:])
+
+
+def _blocked_gram(d: int) -> bool:
+    return d >= _GRAM_MIN_DIM
+
+
+def _mirror_upper(acc: Tensor) -> Tensor:
+    """Complete a matrix whose upper block-triangle was accumulated by _accumulate_gram."""
+    d = acc.shape[0]
+    if not _blocked_gram(d):
+        return acc
+    edges = [round(i * d / _GRAM_BLOCKS) for i in range(_GRAM_BLOCKS + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        acc[hi:, lo:hi] = acc[lo:hi, hi:].T
+    return acc
+
+
+def _accumulate_gram_positions(acc: Tensor, g: Tensor, ws: Workspace) -> None:
+    """acc += Σ_i Σ_p g_ip g_ipᵀ for g (n, P, d): one GEMM when rows are contiguous, else
+    (conv captures, where g is a transposed view) a batched matmul on the natural layout."""
+    n, positions, d = g.shape
+    if positions == 1 or g.is_contiguous():
+        acc.addmm_(g.reshape(-1, d).T, g.reshape(-1, d))  # full, never blocked
+        return
+    g_t = g.transpose(1, 2)
+    per_example = torch.bmm(g_t, g_t.transpose(1, 2), out=ws.get("gram", (n, d, d), g))
+    acc.add_(torch.sum(per_example, 0, out=ws.get("gram_sum", (d, d), g)))
+
+
+def _fit_covariances(
+    ctx: FitContext, cache_bytes: int = 0
+) -> tuple[dict[str, Tensor], dict[str, Tensor], int, list[BatchData] | None]:
+    """Pass 1: A = E_{i,p}[a aᵀ], S = E_i[Σ_p g gᵀ] in float64.
+
+    With ``cache_bytes`` > 0, also keeps copies of the captured (a, g) while they fit in
+    that many bytes, so pass 2 can skip its forward/backward (the sampled Fisher labels
+    are identical in both passes anyway). Returns the cache, or None if it overflowed.
+    """
+    cache: list[BatchData] | None = [] if cache_bytes > 0 else None
+    cached = 0
     acc_a: dict[str, Tensor] = {}
     acc_s: dict[str, Tensor] = {}
     positions: dict[str, int] = {}
+    perms: dict[str, Tensor | None] = {}
     total = 0
+    ws = Workspace()
     for n, layers in captured_batches(ctx, "covariance"):
         total += n
         for name, batch in layers.items():
             d_in, d_out = batch.a.shape[2], batch.g.shape[2]
             a2 = batch.a.reshape(-1, d_in)
-            g2 = batch.g.reshape(-1, d_out)
             if name not in acc_a:
-                acc_a[name] = torch.zeros(d_in, d_in, dtype=torch.float64, device=a2.device)
-                acc_s[name] = torch.zeros(d_out, d_out, dtype=torch.float64, device=a2.device)
+                acc_a[name] = torch.zeros(d_in, d_in, dtype=a2.dtype, device=a2.device)
+                acc_s[name] = torch.zeros(d_out, d_out, dtype=a2.dtype, device=a2.device)
                 positions[name] = 0
-            acc_a[name] += _gram(a2)
-            acc_s[name] += _gram(g2)
+                perms[name] = batch.perm
+            _accumulate_gram(acc_a[name], a2)
+            _accumulate_gram_positions(acc_s[name], batch.g, ws)
             positions[name] += a2.shape[0]
+        if cache is not None:
+            size = sum(
+                (b.a.numel() + b.g.numel()) * b.a.element_size() for b in layers.values()
+            )
+            cached += size
+            if cached > cache_bytes:
+                cache = None
+            else:
+                cache.append(
+                    (n, {k: LayerBatch(b.a.clone(), b.g.clone(), b.perm) for k, b in layers.items()})
+                )
     if total == 0:
         raise InfluenceError("the data loader yielded no examples")
-    cov_a = {name: acc / positions[name] for name, acc in acc_a.items()}
-    cov_s = {name: acc / total for name, acc in acc_s.items()}
-    return cov_a, cov_s, total
+    cov_a = {}
+    for name, acc in acc_a.items():
+        acc = _mirror_upper(acc).to(torch.float64)
+        cov_a[name] = to_weight_order(to_weight_order(acc, perms[name], 0), perms[name], 1) / positions[name]
+    cov_s = {name: acc.to(torch.float64) / total for name, acc in acc_s.items()}
+    return cov_a, cov_s, total, cache
 
 
 def _eigh_all(matrices: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
@@ -450,10 +522,10 @@ def _layer_info(ctx: FitContext, name: str) -> tuple[str, int, int, bool]:
 
 
 def _fit_kfac_bases(
-    ctx: FitContext,
-) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor, Tensor]], int]:
-    """Pass 1 + eigendecomposition: {layer: (λ_S, Q_S, λ_A, Q_A)}, example count."""
-    cov_a, cov_s, total = _fit_covariances(ctx)
+    ctx: FitContext, cache_bytes: int = 0
+) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor, Tensor]], int, list[BatchData] | None]:
+    """Pass 1 + eigendecomposition: {layer: (λ_S, Q_S, λ_A, Q_A)}, example count, cache."""
+    cov_a, cov_s, total, cache = _fit_covariances(ctx, cache_bytes)
     mats: dict[tuple[str, str], Tensor] = {}
     for name in cov_a:
         mats[(name, "activation (A)")] = cov_a[name]
@@ -468,11 +540,21 @@ def _fit_kfac_bases(
         )
         for name in cov_a
     }
-    return bases, total
+    return bases, total, cache
+
+
+def _replay(ctx: FitContext, cache: list[BatchData], stage: str):
+    """Iterate cached batches as if they were captured again (with progress)."""
+    for n, layers in cache:
+        yield n, layers
+        if ctx.on_batch is not None:
+            ctx.on_batch(stage, n)
 
 
 def _fit_eigenvalues(
-    ctx: FitContext, bases: dict[str, tuple[Tensor | None, Tensor | None]]
+    ctx: FitContext,
+    bases: dict[str, tuple[Tensor | None, Tensor | None]],
+    cache: list[BatchData] | None = None,
 ) -> tuple[dict[str, Tensor], int]:
     """Pass 2: Λ_jk = (1/N) Σ_i (Q_Sᵀ G_i Q_A)_jk² per layer, bases given as (Q_S, Q_A).
 
@@ -481,41 +563,61 @@ def _fit_eigenvalues(
     """
     acc: dict[str, Tensor] = {}
     ops: dict[str, tuple[Tensor | None, Tensor | None]] = {}
+    perms: dict[str, Tensor | None] = {}
     total = 0
-    for n, layers in captured_batches(ctx, "eigenvalues"):
+    ws = Workspace()
+    source = captured_batches(ctx, "eigenvalues") if cache is None else _replay(ctx, cache, "eigenvalues")
+    for n, layers in source:
         total += n
         for name, batch in layers.items():
             a, g = batch.a, batch.g
             d_in, d_out = a.shape[2], g.shape[2]
             if name not in ops:
                 q_s, q_a = bases[name]
+                perms[name] = batch.perm
+                if q_a is not None:  # rows of Q_A follow the captured column order
+                    q_a = to_internal_order(q_a.to(a.device), batch.perm, 0)
                 ops[name] = (
                     None if q_s is None else q_s.to(device=a.device, dtype=a.dtype),
-                    None if q_a is None else q_a.to(device=a.device, dtype=a.dtype),
+                    None if q_a is None else q_a.to(dtype=a.dtype),
                 )
-                acc[name] = torch.zeros(d_out, d_in, dtype=torch.float64, device=a.device)
+                acc[name] = torch.zeros(d_out, d_in, dtype=a.dtype, device=a.device)
             q_s, q_a = ops[name]
             if batch.positions == 1 and not ctx.reference:
-                a_rot = a[:, 0] if q_a is None else a[:, 0] @ q_a
-                g_rot = g[:, 0] if q_s is None else g[:, 0] @ q_s
-                acc[name] += torch.mm(g_rot.square().T, a_rot.square())
+                if q_a is None:
+                    a_sq = a[:, 0].square()
+                else:
+                    a_sq = torch.mm(a[:, 0], q_a, out=ws.get("rot_a", (n, d_in), a)).square_()
+                if q_s is None:
+                    g_sq = g[:, 0].square()
+                else:
+                    g_sq = torch.mm(g[:, 0], q_s, out=ws.get("rot_g", (n, d_out), a)).square_()
+                acc[name].addmm_(g_sq.T, a_sq)
             else:
-                rotate = reference_rotated_grads if ctx.reference else rotated_per_example_grads
                 step = chunk_size(d_out * d_in * 2)
-                part = torch.zeros(d_out, d_in, dtype=a.dtype, device=a.device)
                 for start in range(0, n, step):
-                    rotated = rotate(a[start : start + step], g[start : start + step], q_a, q_s)
-                    part += rotated.square_().sum(0)
-                acc[name] += part
+                    sl = slice(start, start + step)
+                    if ctx.reference:
+                        rotated = reference_rotated_grads(a[sl], g[sl], q_a, q_s)
+                    else:
+                        rotated = rotated_per_example_grads(a[sl], g[sl], q_a, q_s, ws)
+                    summed = torch.sum(rotated.square_(), 0, out=ws.get("lam_sum", (d_out, d_in), a))
+                    acc[name].add_(summed)
     if total == 0:
         raise InfluenceError("the data loader yielded no examples")
-    return {name: value / total for name, value in acc.items()}, total
+    # With an identity A basis the columns of Λ are weight columns: back to weight order.
+    lam = {}
+    for name, value in acc.items():
+        value = value.to(torch.float64) / total
+        lam[name] = value if bases[name][1] is not None else to_weight_order(value, perms[name], 1)
+    return lam, total
 
 
 def _fit_ekfac(ctx: FitContext) -> tuple[dict[str, LayerFactors], int]:
-    bases, total = _fit_kfac_bases(ctx)
+    bases, total, cache = _fit_kfac_bases(ctx, ctx.cache_bytes)
     qs = {name: (b[1], b[3]) for name, b in bases.items()}
-    lam, total2 = _fit_eigenvalues(ctx, qs)
+    lam, total2 = _fit_eigenvalues(ctx, qs, cache)
+    del cache
     if total2 != total:
         raise InfluenceError(
             f"the data loader yielded {total} examples in pass 1 but {total2} in pass 2; "
@@ -525,7 +627,7 @@ def _fit_ekfac(ctx: FitContext) -> tuple[dict[str, LayerFactors], int]:
 
 
 def _fit_kfac(ctx: FitContext) -> tuple[dict[str, LayerFactors], int]:
-    bases, total = _fit_kfac_bases(ctx)
+    bases, total, _ = _fit_kfac_bases(ctx)
     out = {name: (q_s, q_a, torch.outer(l_s, l_a)) for name, (l_s, q_s, l_a, q_a) in bases.items()}
     return _build_layers(ctx, out), total
 
@@ -620,6 +722,7 @@ def fit_factors(
     seed: int = 0,
     on_batch: ProgressCallback | None = None,
     reference: bool = False,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Factors:
     """Fit per-layer curvature factors of ``model`` on ``loader``.
 
@@ -633,6 +736,8 @@ def fit_factors(
     dtype: storage dtype of the fitted tensors (accumulation is float32/64, eigh float64).
     on_batch(stage, n): progress callback after each batch ("covariance", "eigenvalues").
     reference: use the slow explicit-G_i path in pass 2 (for tests).
+    cache_bytes: EK-FAC keeps pass 1's captured (a, g) for pass 2 when they fit in this
+        many bytes, saving a forward/backward over the data; 0 disables.
     """
     if strategy not in STRATEGIES:
         raise InfluenceError(
@@ -649,7 +754,7 @@ def fit_factors(
     tracked = modules if isinstance(modules, dict) else select_modules(model, modules)
     if not tracked:
         raise InfluenceError("nothing to track: the module selection is empty")
-    ctx = FitContext(model, loader, tracked, dev, fisher, seed, on_batch, reference)
+    ctx = FitContext(model, loader, tracked, dev, fisher, seed, on_batch, reference, cache_bytes)
     layers, total = spec.fit(ctx)
     for layer in layers.values():
         if spec.fixed_damping is not None:

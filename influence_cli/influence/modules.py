@@ -31,6 +31,11 @@ __all__ = [
     "layer_shape",
     "eval_mode",
     "unsupported_reason",
+    "column_order",
+    "Workspace",
+    "scratch",
+    "to_weight_order",
+    "to_internal_order",
 ]
 
 TRACKED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
@@ -117,17 +122,50 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = mode
 
 
+class Workspace:
+    """Scratch buffers reused across batches.
+
+    Big temporaries (conv patches, per-example gradients) allocated afresh every batch
+    are page-faulted in by the kernel each time, which on the CPU costs as much as the
+    arithmetic. Reusing them avoids that. A buffer handed out under a tag is only valid
+    until the same tag is requested again.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, tag: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        numel = 1
+        for size in shape:
+            numel *= int(size)
+        buf = self._buffers.get(tag)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(max(numel, 1), dtype=like.dtype, device=like.device)
+            self._buffers[tag] = buf
+        return buf[:numel].view(shape)
+
+
+def scratch(ws: Workspace | None, tag: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A buffer from ``ws`` or a fresh tensor when there is no workspace."""
+    if ws is None:
+        return like.new_empty(shape)
+    return ws.get(tag, shape, like)
+
+
 @dataclass
 class LayerBatch:
     """One tracked layer's data for a batch of n examples.
 
     a: (n, P, d_in) inputs, bias ones column last when the layer has a bias.
     g: (n, P, d_out) gradients of the summed loss w.r.t. the layer's outputs.
-    The per-example weight gradient is G_i = g_i^T a_i.
+    perm: columns of ``a`` may be in an internal order (conv patches): internal column j
+        is weight column perm[j] (None = weight order). See ``to_weight_order``.
+    The per-example weight gradient is G_i = g_i^T a_i (in the columns' order).
     """
 
     a: Tensor
     g: Tensor
+    perm: Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -162,14 +200,23 @@ class ActivationCapture:
     recorded values are always the layer's own input and output.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        dtype: torch.dtype | None = None,
+        workspace: Workspace | None = None,
+    ):
+        """workspace: reuse buffers for the captured ``a`` across batches (the returned
+        LayerBatch tensors are then only valid until the next forward)."""
         self.modules = dict(modules)
         self.dtype = dtype
+        self.workspace = workspace
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._calls: dict[str, list[_Call]] = {}
         self._protect = False
         self._batch_size = 0
         self._order = 0
+        self._perms: dict[str, Tensor | None] = {}
 
     def __enter__(self) -> "ActivationCapture":
         for name, module in self.modules.items():
@@ -280,23 +327,27 @@ class ActivationCapture:
             for name, calls in calls_by_name.items():
                 pieces_a: list[Tensor] = []
                 pieces_g: list[Tensor] = []
-                for call in calls:
+                for number, call in enumerate(calls):
                     grad = grads[index]
                     if grad is None:
                         grad = torch.zeros_like(call.output)
                     index += 1
-                    a, g = self._layer_data(name, self.modules[name], call.inputs, grad)
+                    tag = f"{name}#{number}" if len(calls) > 1 else name
+                    a, g = self._layer_data(name, self.modules[name], call.inputs, grad, tag)
                     pieces_a.append(a)
                     pieces_g.append(g)
+                perm = self._perms.get(name)
+                if name not in self._perms:
+                    perm = self._perms[name] = column_order(self.modules[name])
                 if len(pieces_a) == 1:
-                    result[name] = LayerBatch(pieces_a[0], pieces_g[0])
+                    result[name] = LayerBatch(pieces_a[0], pieces_g[0], perm)
                 else:
                     if len({p.shape[0] for p in pieces_a}) != 1:
                         raise InfluenceError(
                             f"tracked module {name!r} was called on tensors with different "
                             "batch sizes in one forward pass"
                         )
-                    result[name] = LayerBatch(torch.cat(pieces_a, 1), torch.cat(pieces_g, 1))
+                    result[name] = LayerBatch(torch.cat(pieces_a, 1), torch.cat(pieces_g, 1), perm)
         return result
 
     def _cast(self, t: Tensor) -> Tensor:
@@ -304,7 +355,7 @@ class ActivationCapture:
         return t if t.dtype == dtype else t.to(dtype)
 
     def _layer_data(
-        self, name: str, module: nn.Module, x: Tensor, grad: Tensor
+        self, name: str, module: nn.Module, x: Tensor, grad: Tensor, tag: str
     ) -> tuple[Tensor, Tensor]:
         n = x.shape[0]
         if n != self._batch_size:
@@ -318,15 +369,10 @@ class ActivationCapture:
         if isinstance(module, nn.Conv2d):
             if x.dim() != 4:
                 raise InfluenceError(f"tracked Conv2d {name!r} needs (N, C, H, W) input")
-            patches = unfold_conv_input(module, x)  # (n, C*kh*kw, L)
-            d_raw, positions = patches.shape[1], patches.shape[2]
-            a = x.new_empty(n, positions, d_raw + (1 if has_bias else 0))
-            a[:, :, :d_raw].copy_(patches.transpose(1, 2))
-            if has_bias:
-                a[:, :, d_raw].fill_(1.0)
+            a = conv_patches(module, x, has_bias, self.workspace, tag)  # internal column order
             d_out = grad.shape[1]
             g = grad.reshape(n, d_out, -1).transpose(1, 2)  # (n, L, d_out) view
-            if g.shape[1] != positions:
+            if g.shape[1] != a.shape[1]:
                 raise InfluenceError(f"unfolded patches of {name!r} do not match its output")
             return a, g
         if x.dim() < 2:
@@ -334,25 +380,90 @@ class ActivationCapture:
         d_raw = x.shape[-1]
         a = x.reshape(n, -1, d_raw)
         if has_bias:
-            a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
+            out = scratch(self.workspace, f"{tag}/a", (n, a.shape[1], d_raw + 1), a)
+            out[:, :, :d_raw].copy_(a)
+            out[:, :, d_raw].fill_(1.0)
+            a = out
         g = grad.reshape(n, -1, grad.shape[-1])
         return a, g
 
 
-def unfold_conv_input(module: nn.Conv2d, x: Tensor) -> Tensor:
-    """Patches (N, C*kh*kw, L) laid out like ``weight.reshape(d_out, -1)``."""
-    padding = module.padding
-    if isinstance(padding, str):
-        if padding == "same":
-            x = F.pad(x, module._reversed_padding_repeated_twice)
-        padding = 0
-    return F.unfold(
-        x,
-        kernel_size=module.kernel_size,
-        dilation=module.dilation,
-        padding=padding,
-        stride=module.stride,
+def conv_patches(
+    module: nn.Conv2d,
+    x: Tensor,
+    has_bias: bool,
+    workspace: Workspace | None = None,
+    tag: str = "conv",
+) -> Tensor:
+    """Input patches (N, L, d_in) of a conv in the *internal* column order (kh, kw, C).
+
+    Gathering from a channels-last padded copy makes every (kw, C) run contiguous, which
+    is several times faster than F.unfold plus a transpose. ``column_order`` maps these
+    columns to the weight's (C, kh, kw) order; bias (ones) is the last column.
+    """
+    n, channels, height, width = x.shape
+    kh, kw = module.kernel_size
+    sh, sw = module.stride
+    dh, dw = module.dilation
+    if isinstance(module.padding, str):
+        if module.padding == "same":
+            left, right, top, bottom = module._reversed_padding_repeated_twice
+        else:  # "valid"
+            left = right = top = bottom = 0
+    else:
+        top = bottom = module.padding[0]
+        left = right = module.padding[1]
+    hp, wp = height + top + bottom, width + left + right
+    padded = scratch(workspace, f"{tag}/padded", (n, hp, wp, channels), x)
+    if top or bottom or left or right:
+        padded.zero_()
+    padded[:, top : top + height, left : left + width, :] = x.permute(0, 2, 3, 1)
+    ho = (hp - dh * (kh - 1) - 1) // sh + 1
+    wo = (wp - dw * (kw - 1) - 1) // sw + 1
+    d_raw = channels * kh * kw
+    view = padded.as_strided(
+        (n, ho, wo, kh, kw, channels),
+        (hp * wp * channels, sh * wp * channels, sw * channels, dh * wp * channels, dw * channels, 1),
     )
+    a = scratch(workspace, f"{tag}/a", (n, ho * wo, d_raw + (1 if has_bias else 0)), x)
+    a[:, :, :d_raw].view(n, ho, wo, kh, kw, channels).copy_(view)
+    if has_bias:
+        a[:, :, d_raw].fill_(1.0)
+    return a
+
+
+def column_order(module: nn.Module) -> Tensor | None:
+    """perm with internal input column j = weight column perm[j]; None if identical.
+
+    Linear inputs are captured in weight order. Conv2d patches are captured in (kh, kw, C)
+    order (see conv_patches); the weight flattens as (C, kh, kw).
+    """
+    if not isinstance(module, nn.Conv2d):
+        return None
+    kh, kw = module.kernel_size
+    channels = module.weight.shape[1]
+    weight_index = torch.arange(channels * kh * kw).view(channels, kh, kw)
+    perm = weight_index.permute(1, 2, 0).reshape(-1)
+    if getattr(module, "bias", None) is not None:
+        perm = torch.cat([perm, torch.tensor([channels * kh * kw])])
+    if torch.equal(perm, torch.arange(perm.numel())):
+        return None
+    return perm
+
+
+def to_weight_order(t: Tensor, perm: Tensor | None, dim: int = -1) -> Tensor:
+    """Reorder internal columns of ``t`` along ``dim`` into the weight's column order."""
+    if perm is None:
+        return t
+    inverse = torch.argsort(perm).to(t.device)
+    return t.index_select(dim, inverse)
+
+
+def to_internal_order(t: Tensor, perm: Tensor | None, dim: int = -1) -> Tensor:
+    """Reorder weight-order columns of ``t`` along ``dim`` into the internal order."""
+    if perm is None:
+        return t
+    return t.index_select(dim, perm.to(t.device))
 
 
 def _logits(output: object) -> Tensor:

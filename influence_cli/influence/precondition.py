@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from influence_cli.influence.modules import Workspace, scratch
+
 if TYPE_CHECKING:  # pragma: no cover
     from influence_cli.influence.factors import Factors, LayerFactors
 
@@ -39,39 +41,47 @@ def chunk_size(per_example: int, budget: int = _CHUNK_ELEMENTS) -> int:
     return max(1, budget // max(1, per_example))
 
 
-def per_example_grads(a: Tensor, g: Tensor) -> Tensor:
+def _left_mul(q_t: Tensor, x: Tensor, out: Tensor) -> Tensor:
+    """q_t @ x[i] for every i of a (n, r, c) batch, as one batched matmul into ``out``."""
+    return torch.bmm(q_t.expand(x.shape[0], *q_t.shape), x, out=out)
+
+
+def per_example_grads(a: Tensor, g: Tensor, ws: Workspace | None = None) -> Tensor:
     """G_i = Σ_p g_ip a_ipᵀ for a (n, P, d_in), g (n, P, d_out) → (n, d_out, d_in)."""
-    return torch.bmm(g.transpose(1, 2), a)
-
-
-def _rotate_rows(x: Tensor, q: Tensor) -> Tensor:
-    """x @ q over the last dimension of a (n, P, d) tensor as one GEMM."""
-    n, p, d = x.shape
-    return torch.mm(x.reshape(n * p, d), q).view(n, p, q.shape[1])
+    n, d_in, d_out = a.shape[0], a.shape[2], g.shape[2]
+    return torch.bmm(g.transpose(1, 2), a, out=scratch(ws, "grads", (n, d_out, d_in), a))
 
 
 def rotated_per_example_grads(
-    a: Tensor, g: Tensor, q_a: Tensor | None, q_s: Tensor | None
+    a: Tensor,
+    g: Tensor,
+    q_a: Tensor | None,
+    q_s: Tensor | None,
+    ws: Workspace | None = None,
 ) -> Tensor:
     """Q_Sᵀ G_i Q_A for every example, rotating each side where it costs fewer flops.
 
     Rotating the A side per position costs P·d_in², after contraction d_out·d_in², so it
     rotates per position iff P < d_out; likewise the S side iff P < d_in. The contraction
-    Σ_p g_p a_pᵀ is one batched matmul.
+    Σ_p g_p a_pᵀ is one batched matmul. ``ws`` reuses the big temporaries across calls
+    (the result then lives in the workspace).
     """
     n, positions, d_in = a.shape
     d_out = g.shape[2]
     a_first = q_a is not None and positions < d_out
     s_first = q_s is not None and positions < d_in
     if a_first:
-        a = _rotate_rows(a, q_a)
+        rot = scratch(ws, "rot_a", (n * positions, d_in), a)
+        a = torch.mm(a.reshape(n * positions, d_in), q_a, out=rot).view(n, positions, d_in)
+    g_t = g.transpose(1, 2)  # (n, d_out, P); contiguous for conv captures
     if s_first:
-        g = _rotate_rows(g, q_s)
-    grads = torch.bmm(g.transpose(1, 2), a)  # (n, d_out, d_in)
+        g_t = _left_mul(q_s.T, g_t, scratch(ws, "rot_g", (n, d_out, positions), a))
+    grads = torch.bmm(g_t, a, out=scratch(ws, "grads", (n, d_out, d_in), a))
     if q_a is not None and not a_first:
-        grads = torch.mm(grads.view(n * d_out, d_in), q_a).view(n, d_out, d_in)
+        out = scratch(ws, "grads_a", (n * d_out, d_in), a)
+        grads = torch.mm(grads.view(n * d_out, d_in), q_a, out=out).view(n, d_out, d_in)
     if q_s is not None and not s_first:
-        grads = torch.matmul(q_s.T, grads)
+        grads = _left_mul(q_s.T, grads, scratch(ws, "grads_s", (n, d_out, d_in), a))
     return grads
 
 
@@ -90,7 +100,16 @@ def reference_rotated_grads(
 class LayerOperator:
     """A layer's factors on the compute device/dtype, with W = 1/(Λ + λ) precomputed."""
 
-    def __init__(self, layer: "LayerFactors", device: torch.device | str, dtype: torch.dtype):
+    def __init__(
+        self,
+        layer: "LayerFactors",
+        device: torch.device | str,
+        dtype: torch.dtype,
+        perm: Tensor | None = None,
+    ):
+        """perm: the captured input column order (internal column j = weight column
+        perm[j]); the operator then works directly on captured data and on gradients
+        whose columns are in that order."""
         self.name = layer.name
         self.kind = layer.kind
         self.d_out = layer.d_out
@@ -101,6 +120,13 @@ class LayerOperator:
         self.q_a = None if layer.q_a is None else layer.q_a.to(device=device, dtype=dtype)
         lam = layer.eigenvalues.to(device=device, dtype=torch.float64)
         self.inverse = (1.0 / (lam + self.damping)).to(dtype)  # W (d_out, d_in)
+        self.perm = perm
+        if perm is not None:
+            perm = perm.to(device)
+            if self.q_a is not None:
+                self.q_a = self.q_a.index_select(0, perm).contiguous()
+            else:  # Λ's columns are weight columns
+                self.inverse = self.inverse.index_select(1, perm).contiguous()
 
     @property
     def identity_bases(self) -> bool:
@@ -112,9 +138,9 @@ class LayerOperator:
         g_rot = g if self.q_s is None else g @ self.q_s
         return a_rot, g_rot
 
-    def rotated_grads(self, a: Tensor, g: Tensor) -> Tensor:
+    def rotated_grads(self, a: Tensor, g: Tensor, ws: Workspace | None = None) -> Tensor:
         """Q_Sᵀ G_i Q_A (n, d_out, d_in) from captured a (n, P, d_in), g (n, P, d_out)."""
-        return rotated_per_example_grads(a, g, self.q_a, self.q_s)
+        return rotated_per_example_grads(a, g, self.q_a, self.q_s, ws)
 
     def rotate(self, grads: Tensor) -> Tensor:
         """Q_Sᵀ G Q_A for a batch (T, d_out, d_in)."""
@@ -144,10 +170,17 @@ class LayerOperator:
 
 
 def operators(
-    factors: "Factors", device: torch.device | str, dtype: torch.dtype
+    factors: "Factors",
+    device: torch.device | str,
+    dtype: torch.dtype,
+    perms: dict[str, Tensor | None] | None = None,
 ) -> dict[str, LayerOperator]:
-    """One operator per stored layer."""
-    return {name: LayerOperator(layer, device, dtype) for name, layer in factors.layers.items()}
+    """One operator per stored layer (in the captured column order when perms given)."""
+    perms = perms or {}
+    return {
+        name: LayerOperator(layer, device, dtype, perms.get(name))
+        for name, layer in factors.layers.items()
+    }
 
 
 def precondition(layer: "LayerFactors", grads: Tensor) -> Tensor:

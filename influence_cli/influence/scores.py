@@ -26,7 +26,15 @@ from influence_cli.influence.factors import (
     model_dtype,
     resolve_device,
 )
-from influence_cli.influence.modules import ActivationCapture, LayerBatch, eval_mode
+from influence_cli.influence.modules import (
+    ActivationCapture,
+    LayerBatch,
+    Workspace,
+    column_order,
+    eval_mode,
+    to_internal_order,
+    to_weight_order,
+)
 from influence_cli.influence.precondition import (
     LayerOperator,
     chunk_size,
@@ -71,7 +79,8 @@ def _setup(
     if any(p.device != dev for p in model.parameters()):
         model.to(dev)
     modules = factors.check_model(model)
-    ops = operators(factors, dev, model_dtype(model))
+    perms = {name: column_order(module) for name, module in modules.items()}
+    ops = operators(factors, dev, model_dtype(model), perms)
     return dev, modules, ops
 
 
@@ -84,7 +93,8 @@ def _captured(
     on_batch: ProgressCallback | None,
 ):
     """Yield (n, {layer: LayerBatch}) for each batch with the given labels."""
-    with torch.no_grad(), eval_mode(model), ActivationCapture(modules) as capture:
+    capture = ActivationCapture(modules, workspace=Workspace())
+    with torch.no_grad(), eval_mode(model), capture:
         for inputs, labels in batches:
             logits = capture.forward(model, inputs)
             with torch.enable_grad():
@@ -97,7 +107,7 @@ def _captured(
                 on_batch(stage, n)
 
 
-def _self_scores(op: LayerOperator, batch: LayerBatch) -> Tensor:
+def _self_scores(op: LayerOperator, batch: LayerBatch, ws: Workspace) -> Tensor:
     """g_iᵀ P g_i of one layer for every example of a batch → (n,)."""
     a, g = batch.a, batch.g
     w = op.inverse
@@ -115,7 +125,7 @@ def _self_scores(op: LayerOperator, batch: LayerBatch) -> Tensor:
     step = chunk_size(op.d_out * op.d_in * 2)
     w_flat = w.reshape(-1)
     for start in range(0, n, step):
-        rotated = op.rotated_grads(a[start : start + step], g[start : start + step])
+        rotated = op.rotated_grads(a[start : start + step], g[start : start + step], ws)
         out[start : start + step] = torch.mv(rotated.square_().reshape(rotated.shape[0], -1), w_flat)
     return out
 
@@ -134,12 +144,13 @@ def self_influence(
     """
     dev, modules, ops = _setup(model, factors, device)
     results: list[Tensor] = []
+    ws = Workspace()
     for n, layers in _captured(
         model, modules, iterate_batches(loader, dev), "loss", "self-influence", on_batch
     ):
         total = None
         for name, batch in layers.items():
-            part = _self_scores(ops[name], batch)
+            part = _self_scores(ops[name], batch, ws)
             total = part if total is None else total.add_(part)
         results.append(total.cpu())
     if not results:
@@ -276,10 +287,10 @@ def preconditioned_test_gradients(
     sides = _test_side(
         model, modules, ops, test_inputs, test_labels, measurement, dev, batch_size, None, None
     )
-    return {name: side.matrix for name, side in sides.items()}
+    return {name: to_weight_order(side.matrix, ops[name].perm, 2) for name, side in sides.items()}
 
 
-def _pair_scores(op: LayerOperator, side: _TestSide, batch: LayerBatch) -> Tensor:
+def _pair_scores(op: LayerOperator, side: _TestSide, batch: LayerBatch, ws: Workspace) -> Tensor:
     """Σ_jk M_tjk G_ijk for one layer → (n, T), without building G_i when rank one."""
     m = side.matrix
     num_test = m.shape[0]
@@ -310,7 +321,7 @@ def _pair_scores(op: LayerOperator, side: _TestSide, batch: LayerBatch) -> Tenso
     step = chunk_size(op.d_out * op.d_in)
     for start in range(0, n, step):
         sl = slice(start, start + step)
-        grads = op.rotated_grads(a[sl], g[sl]) if side.rotated else per_example_grads(a[sl], g[sl])
+        grads = op.rotated_grads(a[sl], g[sl], ws) if side.rotated else per_example_grads(a[sl], g[sl], ws)
         out[sl] = torch.mm(grads.reshape(grads.shape[0], -1), m_flat.T)
     return out
 
@@ -353,19 +364,24 @@ def pairwise_scores(
             raise InfluenceError(f"test_gradients lack layers {sorted(missing)}")
         dtype = model_dtype(model)
         sides = {
-            name: _TestSide(test_gradients[name].to(device=dev, dtype=dtype), False) for name in ops
+            name: _TestSide(
+                to_internal_order(test_gradients[name].to(device=dev, dtype=dtype), ops[name].perm, 2),
+                False,
+            )
+            for name in ops
         }
     num_test = next(iter(sides.values())).matrix.shape[0]
 
     full: list[Tensor] = []
     best = worst = None
     offset = 0
+    ws = Workspace()
     for n, layers in _captured(
         model, modules, iterate_batches(train_loader, dev), "loss", "scores", on_batch
     ):
         total = None
         for name, batch in layers.items():
-            part = _pair_scores(ops[name], sides[name], batch)
+            part = _pair_scores(ops[name], sides[name], batch, ws)
             total = part if total is None else total.add_(part)
         scores = total.T  # (T, n)
         if top is None:

@@ -145,7 +145,7 @@ def test_mad_rule_random_scores_match_reference():
     predicted = np.where(rng.random(500) < 0.5, labels, (labels + 1) % 5)
     for k in (1.0, 2.5, 3.0):
         for disagree in (False, True):
-            mask = flag_mask(s, labels, predicted, FlagConfig(k=k, require_disagreement=disagree))
+            mask = flag_mask(s, labels, predicted, FlagConfig(rule="mad", k=k, require_disagreement=disagree))
             expected = reference_mad_mask(s, labels, predicted, k, disagree)
             np.testing.assert_array_equal(mask, expected)
     assert 0 < flag_mask(s, labels, predicted, FlagConfig(k=3.0)).sum() < 500
@@ -214,10 +214,16 @@ def test_mad_zero_does_not_crash_or_flag_everything():
 
 
 def test_default_flag_config_is_mad_with_disagreement():
-    s = np.exp(np.array([0.0, 0.1, -0.1, 0.2, -0.2, 0.3, -0.3, 1.0, 2.0, 5.0]))
-    labels = np.zeros(10, dtype=int)
-    predicted = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1, 0])
-    assert np.flatnonzero(flag_mask(s, labels, predicted)).tolist() == [8]
+    # Whatever the configured default k is, omitting the config means FlagConfig(): mad + disagreement.
+    default = FlagConfig()
+    assert default.rule == "mad" and default.require_disagreement is True
+    rng = np.random.default_rng(5)
+    s = np.exp(rng.normal(size=300) * 1.5)
+    labels = rng.integers(0, 3, 300)
+    predicted = np.where(rng.random(300) < 0.6, labels, (labels + 1) % 3)
+    mask = flag_mask(s, labels, predicted)
+    np.testing.assert_array_equal(mask, reference_mad_mask(s, labels, predicted, default.k, True))
+    assert 0 < mask.sum() < (labels != predicted).sum()
 
 
 # ----------------------------------------------------------------------------- input checks

@@ -1,0 +1,339 @@
+#!/usr/bin/env python
+"""Benchmark the influence engine on the workloads of ARCHITECTURE.md.
+
+    python scripts/benchmark.py {fit-factors,self-influence,score} [--workload mlp784|cnn32|all] [--kronfluence]
+
+Each workload: synthetic seeded data, the model trained ~1 epoch with Adam, CPU,
+torch.set_num_threads(2), float32. Every measured stage runs in its own subprocess so
+its peak RSS is its own; times are reported in-process and as a whole process, and as
+a ratio to one forward+backward epoch (summed CE, weight grads, no optimizer step,
+median of 3) measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+THREADS = 2
+SEED = 0
+
+
+# ------------------------------------------------------------------ workloads
+@dataclass
+class Workload:
+    name: str
+    build_model: Callable[[], nn.Module]
+    make_data: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    batch_size: int
+
+
+def _mlp784() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+
+
+def _cnn32() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
+    )
+
+
+def _teacher_labels(features: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Labels from a random linear teacher plus noise: learnable but not trivial."""
+    w = torch.randn(features.shape[1], 10, generator=gen)
+    logits = features @ w / features.shape[1] ** 0.5
+    return (logits + 0.5 * torch.randn(logits.shape, generator=gen)).argmax(1)
+
+
+def _mlp784_data():
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(10_100, 784, generator=gen)
+    y = _teacher_labels(x, gen)
+    return x[:10_000], y[:10_000], x[10_000:], y[10_000:]
+
+
+def _cnn32_data():
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(5_050, 3, 32, 32, generator=gen)
+    y = _teacher_labels(F.avg_pool2d(x, 8).flatten(1), gen)
+    return x[:5_000], y[:5_000], x[5_000:], y[5_000:]
+
+
+WORKLOADS: dict[str, Workload] = {
+    "mlp784": Workload("mlp784", _mlp784, _mlp784_data, 512),
+    "cnn32": Workload("cnn32", _cnn32, _cnn32_data, 256),
+}
+
+
+class Batches:
+    """Minimal in-memory loader: contiguous slices, fixed order, knows its dataset size."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.dataset = x  # len() = number of examples
+
+    def __iter__(self):
+        for i in range(0, len(self.x), self.batch_size):
+            yield self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
+
+    def __len__(self) -> int:
+        return (len(self.x) + self.batch_size - 1) // self.batch_size
+
+
+def prepare(workload: Workload, directory: Path) -> None:
+    """Make the data, train ~1 epoch with Adam, save both for the stage processes."""
+    torch.manual_seed(SEED)
+    x, y, xt, yt = workload.make_data()
+    model = workload.build_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(SEED)
+    order = torch.randperm(len(x), generator=gen)
+    model.train()
+    for i in range(0, len(x), workload.batch_size):
+        idx = order[i : i + workload.batch_size]
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(xt).argmax(1) == yt).float().mean())
+    torch.save({"x": x, "y": y, "xt": xt, "yt": yt, "state": model.state_dict(), "acc": acc},
+               directory / f"{workload.name}.pt")
+
+
+def load(workload: Workload, directory: Path):
+    blob = torch.load(directory / f"{workload.name}.pt")
+    model = workload.build_model()
+    model.load_state_dict(blob["state"])
+    model.eval()
+    return model, blob
+
+
+# ------------------------------------------------------------- stage bodies
+def _epoch(model: nn.Module, loader: Batches) -> None:
+    for xb, yb in loader:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xb), yb, reduction="sum").backward()
+
+
+def run_stage(stage: str, workload: Workload, directory: Path) -> dict:
+    """Body of one measured subprocess; returns its timings."""
+    torch.set_num_threads(THREADS)
+    from influence_cli.influence import Factors, fit_factors, pairwise_scores, self_influence
+
+    model, blob = load(workload, directory)
+    loader = Batches(blob["x"], blob["y"], workload.batch_size)
+    factors_dir = directory / f"{workload.name}-factors"
+    result: dict = {}
+    if stage == "epoch":
+        _epoch(model, loader)  # warm-up
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            _epoch(model, loader)
+            times.append(time.perf_counter() - t0)
+        result["seconds"] = statistics.median(times)
+    elif stage == "fit-factors":
+        t0 = time.perf_counter()
+        factors = fit_factors(model, loader, "ekfac")
+        result["seconds"] = time.perf_counter() - t0
+        factors.save(factors_dir)
+    elif stage == "self-influence":
+        factors = Factors.load(factors_dir)
+        t0 = time.perf_counter()
+        scores = self_influence(model, factors, loader)
+        result["seconds"] = time.perf_counter() - t0
+        result["note"] = f"N={len(scores)}"
+    elif stage in ("score-top10", "score-full"):
+        factors = Factors.load(factors_dir)
+        t0 = time.perf_counter()
+        out = pairwise_scores(
+            model, factors, loader, blob["xt"], blob["yt"],
+            top=10 if stage == "score-top10" else None,
+        )
+        result["seconds"] = time.perf_counter() - t0
+        if stage == "score-full":
+            result["note"] = f"T×N={tuple(out.shape)}"
+    elif stage.startswith("kronfluence-"):
+        result.update(_kronfluence(stage.split("-", 1)[1], model, blob, workload, directory))
+    else:
+        raise SystemExit(f"unknown stage {stage}")
+    result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _kronfluence(what: str, model: nn.Module, blob: dict, workload: Workload, directory: Path) -> dict:
+    """kronfluence's EK-FAC on the same model/data (only when it is importable)."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.task import Task
+    from torch.utils.data import TensorDataset
+
+    class ClassificationTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            logits = model(batch[0])
+            if not sample:
+                return F.cross_entropy(logits, batch[1], reduction="sum")
+            with torch.no_grad():
+                labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
+            return F.cross_entropy(logits, labels, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            return F.cross_entropy(model(batch[0]), batch[1], reduction="sum")
+
+    task = ClassificationTask()
+    model = prepare_model(model, task)
+    analyzer = Analyzer(analysis_name=workload.name, model=model, task=task, cpu=True,
+                        output_dir=str(directory / "kronfluence"))
+    train = TensorDataset(blob["x"], blob["y"])
+    test = TensorDataset(blob["xt"], blob["yt"])
+    bs = workload.batch_size
+    t0 = time.perf_counter()
+    if what == "fit":
+        analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=bs,
+                                 factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+    elif what == "self":
+        analyzer.compute_self_scores(scores_name="self", factors_name="ekfac", train_dataset=train,
+                                     per_device_train_batch_size=bs, overwrite_output_dir=True)
+    elif what == "score":
+        analyzer.compute_pairwise_scores(scores_name="pair", factors_name="ekfac", query_dataset=test,
+                                         train_dataset=train, per_device_query_batch_size=len(test),
+                                         per_device_train_batch_size=bs, overwrite_output_dir=True)
+    return {"seconds": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------- driver
+def measure(stage: str, workload: Workload, directory: Path) -> dict:
+    """Run one stage in a fresh interpreter; add its whole-process wall time."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_stage", stage,
+           "--workload", workload.name, "--_dir", str(directory)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail)}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = wall
+    return result
+
+
+STAGES = {
+    "fit-factors": ["fit-factors"],
+    "self-influence": ["self-influence"],
+    "score": ["score-top10", "score-full"],
+}
+KRONFLUENCE = {"fit-factors": "kronfluence-fit", "self-influence": "kronfluence-self", "score": "kronfluence-score"}
+TARGETS = {
+    ("mlp784", "fit-factors"): 4, ("cnn32", "fit-factors"): 4,
+    ("mlp784", "self-influence"): 3, ("cnn32", "self-influence"): 6,
+    ("cnn32", "score-top10"): 2, ("cnn32", "score-full"): 2,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", nargs="?", choices=sorted(STAGES))
+    parser.add_argument("--workload", default="all", choices=[*WORKLOADS, "all"])
+    parser.add_argument("--kronfluence", action="store_true", help="also run kronfluence's ekfac if importable")
+    parser.add_argument("--_stage", help=argparse.SUPPRESS)
+    parser.add_argument("--_dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args._stage:  # inside a measured subprocess
+        print(json.dumps(run_stage(args._stage, WORKLOADS[args.workload], Path(args._dir))))
+        return 0
+    if not args.stage:
+        parser.error("a stage is required")
+
+    torch.set_num_threads(THREADS)
+    names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    use_kron = False
+    if args.kronfluence:
+        try:
+            import kronfluence  # noqa: F401
+
+            use_kron = True
+        except ImportError:
+            print("kronfluence is not importable here; skipping the side-by-side run.")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="infl-bench-") as tmp:
+        directory = Path(tmp)
+        for name in names:
+            workload = WORKLOADS[name]
+            prepare(workload, directory)
+            epoch = measure("epoch", workload, directory)
+            if "error" in epoch:
+                print(f"{name}: epoch failed: {epoch['error']}")
+                continue
+            base = epoch["seconds"]
+            rows.append((name, "fwd+bwd epoch", base, epoch["process_seconds"], 1.0, epoch["max_rss_mb"], ""))
+            stages = list(STAGES[args.stage])
+            if args.stage != "fit-factors":
+                prep = measure("fit-factors", workload, directory)  # factors for the later stages
+                if "error" in prep:
+                    print(f"{name}: fitting factors failed: {prep['error']}")
+                    continue
+            if use_kron:
+                stages.append(KRONFLUENCE[args.stage])
+            for stage in stages:
+                res = measure(stage, workload, directory)
+                if "error" in res:
+                    rows.append((name, stage, None, None, None, None, res["error"][:60]))
+                    continue
+                target = TARGETS.get((name, stage))
+                note = res.get("note", "")
+                if target is not None:
+                    ratio = res["seconds"] / base
+                    note = (note + " " if note else "") + f"target ≤ {target}: {'ok' if ratio <= target else 'MISSED'}"
+                rows.append((name, stage, res["seconds"], res["process_seconds"], res["seconds"] / base,
+                             res["max_rss_mb"], note))
+    _print_table(rows)
+    return 0
+
+
+def _print_table(rows: list[tuple]) -> None:
+    header = ("workload", "stage", "in-proc s", "process s", "× epoch", "peak RSS MB", "note")
+    cells = [header]
+    for name, stage, sec, proc, ratio, rss, note in rows:
+        cells.append((
+            name, stage,
+            "-" if sec is None else f"{sec:.3f}",
+            "-" if proc is None else f"{proc:.2f}",
+            "-" if ratio is None else f"{ratio:.2f}",
+            "-" if rss is None else f"{rss:.0f}",
+            note,
+        ))
+    widths = [max(len(str(row[i])) for row in cells) for i in range(len(header))]
+    for i, row in enumerate(cells):
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
