@@ -115,3 +115,101 @@ def test_train_then_reuse(tmp_path: Path) -> None:
     assert second.exit_code == 0 and "loaded checkpoint" in second.output
     changed = invoke("train", "-c", str(path), "--set", "train.epochs=3")
     assert changed.exit_code == 0 and "model: trained" in changed.output
+
+
+def test_fit_factors_reuse_and_stale(tmp_path: Path) -> None:
+    path = write_config(tmp_path, table_config(tmp_path))
+    first = invoke("fit-factors", "-c", str(path))
+    assert first.exit_code == 0, first.output
+    assert "fitted ekfac" in first.output
+    meta = tmp_path / "runs" / "tiny" / "factors" / "ekfac" / "meta.json"
+    assert meta.is_file()
+    again = invoke("fit-factors", "-c", str(path))
+    assert again.exit_code == 0 and "reusing" in again.output
+    stale = invoke("fit-factors", "-c", str(path), "--set", "train.epochs=3")
+    assert stale.exit_code == 2
+    assert "different checkpoint" in stale.output and "--overwrite" in stale.output
+    refit = invoke("fit-factors", "-c", str(path), "--set", "train.epochs=3", "--overwrite")
+    assert refit.exit_code == 0 and "fitted ekfac" in refit.output
+    bad = invoke("fit-factors", "-c", str(path), "--strategy", "magic")
+    assert bad.exit_code == 2 and "unknown strategy 'magic'" in bad.output
+
+
+def test_self_influence_outputs(tmp_path: Path) -> None:
+    path = write_config(tmp_path, table_config(tmp_path))
+    out = tmp_path / "ranking.csv"
+    result = invoke("self-influence", "-c", str(path), "--top", "5", "--out", str(out), "--strategy", "kfac")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "tiny"
+    table = pd.read_csv(run / "self_influence.csv", keep_default_na=False)
+    assert list(table.columns) == [
+        "rank", "index", "id", "label", "label_name", "predicted", "predicted_name",
+        "label_prob", "loss", "self_influence", "flagged", "suggested_label",
+    ]
+    assert table["self_influence"].is_monotonic_decreasing
+    assert len(table) == 45 and sorted(table["index"]) == list(range(45))
+    assert (table["self_influence"] >= 0).all()
+    assert set(table["label_name"]) <= {"no", "yes"}
+    mislabels = pd.read_csv(run / "mislabels.csv", keep_default_na=False)
+    assert len(mislabels) == int(table["flagged"].sum())
+    assert pd.read_csv(out).equals(pd.read_csv(run / "self_influence.csv"))
+    assert (run / "summary.json").is_file()
+    assert "examples" in result.output and "flagged" in result.output
+
+
+def test_score_command(tmp_path: Path) -> None:
+    path = write_config(tmp_path, table_config(tmp_path))
+    queries = tmp_path / "queries.csv"
+    queries.write_text("index,label\n0,yes\n1,\n")
+    result = invoke("score", str(queries), "-c", str(path), "--top", "3", "--matrix", str(tmp_path / "m.safetensors"))
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "runs" / "tiny" / "scores" / "queries.csv", keep_default_na=False)
+    assert list(table.columns) == [
+        "test_id", "test_label", "test_predicted", "rank", "train_index", "train_id", "train_label", "influence", "role",
+    ]
+    assert set(table["role"]) <= {"proponent", "opponent"}
+    assert (table[table["role"] == "proponent"]["influence"] > 0).all()
+    assert (table[table["role"] == "opponent"]["influence"] < 0).all()
+    assert table.groupby(["test_id", "role"]).size().max() <= 3
+    assert "had no label" in result.output
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as handle:
+        matrix = handle.get_tensor("scores")
+        assert matrix.shape == (2, 45)
+        assert "train_ids" in handle.metadata()
+    top = table[(table["test_id"] == table["test_id"].iloc[0]) & (table["role"] == "proponent")]
+    assert top["influence"].iloc[0] == pytest.approx(float(matrix[0].max()), rel=1e-5)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("index\n500\n")
+    result = invoke("score", str(bad), "-c", str(path))
+    assert result.exit_code == 2 and "row 1 (line 2): index 500 is out of range" in result.output
+
+
+def test_check_exit_codes_junit_markdown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import xml.etree.ElementTree as ET
+
+    path = write_config(tmp_path, table_config(tmp_path, audit={"flag": {"rule": "top_fraction", "fraction": 0.2, "require_disagreement": False}}))
+    summary = tmp_path / "step_summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    failed = invoke("check", "-c", str(path), "--max-flagged", "2", "--junit", str(tmp_path / "j.xml"), "--write-baseline", str(tmp_path / "base.csv"))
+    assert failed.exit_code == 1, failed.output
+    root = ET.parse(tmp_path / "j.xml").getroot()
+    assert root.get("failures") == "1"
+    assert "infl check" in summary.read_text()
+    check_csv = pd.read_csv(tmp_path / "runs" / "tiny" / "check.csv")
+    assert len(check_csv) == 9  # ceil(0.2 * 45)
+    passed = invoke("check", "-c", str(path), "--max-flagged", "0", "--baseline", str(tmp_path / "base.csv"), "--markdown", str(tmp_path / "s.md"))
+    assert passed.exit_code == 0, passed.output
+    assert "passed" in (tmp_path / "s.md").read_text()
+    assert summary.read_text().count("## infl check") == 2
+    missing = invoke("check", "-c", str(path), "--baseline", str(tmp_path / "nothere.csv"))
+    assert missing.exit_code == 2 and "baseline file not found" in missing.output
+
+
+def test_report_command(tmp_path: Path) -> None:
+    path = write_config(tmp_path, table_config(tmp_path))
+    result = invoke("report", "-c", str(path), "--top", "5")
+    assert result.exit_code == 0, result.output
+    html_text = (tmp_path / "runs" / "tiny" / "report.html").read_text()
+    assert "<html" in html_text.lower() and "f1" in html_text
