@@ -168,7 +168,6 @@ def self_influence_command(
     strategy: Optional[str] = typer.Option(
         None, "--strategy", "-s", help="Curvature approximation: ekfac (default), kfac, diagonal or identity."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Refit stale curvature factors instead of refusing."),
 ) -> None:
     """Rank training examples by self-influence and flag likely mislabels.
 
@@ -180,7 +179,7 @@ def self_influence_command(
     from influence_cli.pipeline import run_self_influence
 
     session = open_session(config, set_)
-    result = run_self_influence(session, check_strategy(strategy), overwrite=overwrite)
+    result = run_self_influence(session, check_strategy(strategy))
     cfg = session.config
     err.print(model_line(result.model_state), highlight=False)
     title = f"{cfg.name}: most self-influential training examples ({result.summary['run']['strategy']})"
@@ -223,7 +222,6 @@ def score(
     matrix: Optional[Path] = typer.Option(
         None, "--matrix", help="Also write the full test × train score matrix (safetensors, with row and column ids)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Refit stale curvature factors instead of refusing."),
 ) -> None:
     """Explain predictions: the training examples that pushed each test row towards its label (proponents) and away (opponents).
 
@@ -244,7 +242,6 @@ def score(
         measurement=measurement,
         matrix_path=matrix,
         out=out,
-        overwrite=overwrite,
     )
     render_score_table(result.table, err, title=f"{session.config.name}: training examples behind each prediction")
     unlabeled = int((result.queries.labels < 0).sum())
@@ -280,7 +277,6 @@ def check(
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML report (one test case per threshold)."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write a Markdown summary here."),
     strategy: Optional[str] = typer.Option(None, "--strategy", "-s", help="Curvature approximation (default ekfac)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Refit stale curvature factors instead of refusing."),
 ) -> None:
     """Data-quality gate for CI: exit 0 within thresholds, 1 when exceeded, 2 on bad input.
 
@@ -299,7 +295,6 @@ def check(
         max_flagged=max_flagged,
         baseline=baseline,
         strategy=check_strategy(strategy),
-        overwrite=overwrite,
     )
     result = outcome.result
     name = session.config.name

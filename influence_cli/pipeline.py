@@ -128,6 +128,23 @@ def influence_dtype(config: Config) -> torch.dtype:
     return torch.float64 if config.influence.dtype == "float64" else torch.float32
 
 
+def stale_reason(directory: Any, want: dict[str, str]) -> Optional[str]:
+    """Why stored factors cannot be used, or None when they are valid."""
+    from influence_cli.influence.factors import Factors
+
+    if not (directory / "meta.json").is_file():
+        return "incomplete or unreadable factors"
+    try:
+        meta = Factors.read_meta(directory)
+    except FactorsError:
+        return "incomplete or unreadable factors"
+    if meta.get("checkpoint_hash") != want["checkpoint_hash"]:
+        return "factors were fitted for a different checkpoint"
+    if meta.get("influence_hash") != want["influence_hash"]:
+        return "factors were fitted with different data or influence settings"
+    return None
+
+
 @dataclass
 class FactorsState:
     factors: Any
@@ -136,28 +153,30 @@ class FactorsState:
     directory: Any
 
 
-def ensure_factors(session: Session, state: ModelState, strategy: str, *, overwrite: bool = False) -> FactorsState:
-    """Reuse valid stored factors, refuse stale ones (unless ``overwrite``), or fit new ones."""
+def ensure_factors(
+    session: Session, state: ModelState, strategy: str, *, overwrite: bool = False, refit_stale: bool = False
+) -> FactorsState:
+    """Reuse valid stored factors or fit new ones.
+
+    Stale factors (another checkpoint, other data or influence settings) are never used:
+    `infl fit-factors` refuses them unless ``overwrite``; the audit commands pass
+    ``refit_stale`` and refit them, saying so, because their job is to audit the data as
+    it is now (a CI check after a label change must not stop at a cache).
+    """
     from influence_cli.influence.factors import Factors, fit_factors
 
     config, run, reporter = session.config, session.run, session.reporter
     directory = run.factors_dir(strategy)
     want = {"checkpoint_hash": state.checkpoint_hash, "influence_hash": influence_hash(config, strategy)}
     if directory.exists() and not overwrite:
-        meta = Factors.read_meta(directory) if (directory / "meta.json").is_file() else None
-        if meta is None:
-            raise FactorsError(f"{directory}: incomplete or unreadable factors; rerun with --overwrite to refit")
-        if meta.get("checkpoint_hash") != want["checkpoint_hash"]:
-            raise FactorsError(
-                f"{directory}: factors were fitted for a different checkpoint; rerun with --overwrite to refit"
-            )
-        if meta.get("influence_hash") != want["influence_hash"]:
-            raise FactorsError(
-                f"{directory}: factors were fitted with different data or influence settings; rerun with --overwrite to refit"
-            )
-        start = time.perf_counter()
-        factors = Factors.load(directory)
-        return FactorsState(factors, True, time.perf_counter() - start, directory)
+        problem = stale_reason(directory, want)
+        if problem is None:
+            start = time.perf_counter()
+            factors = Factors.load(directory)
+            return FactorsState(factors, True, time.perf_counter() - start, directory)
+        if not refit_stale:
+            raise FactorsError(f"{directory}: {problem}; rerun with --overwrite to refit")
+        reporter.info(f"factors in {directory}: {problem}; refitting")
     data = session.data()
     device = influence_device(config)
     loader = BatchLoader(data.train, config.influence.batch_size)
@@ -195,7 +214,7 @@ class SelfInfluenceResult:
     factors_state: FactorsState
 
 
-def run_self_influence(session: Session, strategy: Optional[str] = None, *, overwrite: bool = False) -> SelfInfluenceResult:
+def run_self_influence(session: Session, strategy: Optional[str] = None) -> SelfInfluenceResult:
     """Self-influence of every training example, ranked and flagged; writes the CSVs."""
     from influence_cli.audit.ranking import build_ranking, class_summary
     from influence_cli.audit.report import write_csv, write_json
@@ -205,7 +224,7 @@ def run_self_influence(session: Session, strategy: Optional[str] = None, *, over
     strategy = strategy or config.influence.strategy
     start = time.perf_counter()
     state = ensure_model(session)
-    fstate = ensure_factors(session, state, strategy, overwrite=overwrite)
+    fstate = ensure_factors(session, state, strategy, refit_stale=True)
     data = session.data()
     device = influence_device(config)
     loader = BatchLoader(data.train, config.influence.batch_size)
@@ -299,7 +318,6 @@ def run_score(
     measurement: str = "loss",
     matrix_path: Optional[Any] = None,
     out: Optional[Any] = None,
-    overwrite: bool = False,
 ) -> ScoreResult:
     """Score test rows from a CSV against every training example; keep the top N each way."""
     from pathlib import Path
@@ -318,7 +336,7 @@ def run_score(
     data = session.data()
     queries = read_query_rows(csv_path, config, data)
     state = ensure_model(session)
-    fstate = ensure_factors(session, state, strategy, overwrite=overwrite)
+    fstate = ensure_factors(session, state, strategy, refit_stale=True)
     with torch.no_grad():
         logits = state.model(queries.inputs)
     predicted = logits.argmax(1).numpy()
@@ -395,7 +413,6 @@ def run_check(
     max_flagged: Optional[int] = None,
     baseline: Optional[Any] = None,
     strategy: Optional[str] = None,
-    overwrite: bool = False,
 ) -> CheckOutcome:
     """Self-influence audit plus the thresholds; writes runs/<name>/check.csv."""
     from pathlib import Path
@@ -414,7 +431,7 @@ def run_check(
             source = "default"
     else:
         source = "command line"
-    si = run_self_influence(session, strategy, overwrite=overwrite)
+    si = run_self_influence(session, strategy)
     result = evaluate_check(
         si.table, max_flagged_fraction=max_flagged_fraction, max_flagged=max_flagged, baseline_ids=baseline_ids
     )

@@ -42,6 +42,7 @@ from influence_cli.influence.modules import (
 )
 from influence_cli.influence.precondition import (
     chunk_size,
+    matmul_t,
     reference_rotated_grads,
     rotated_per_example_grads,
 )
@@ -423,7 +424,7 @@ def _accumulate_gram_positions(acc: Tensor, g: Tensor, ws: Workspace) -> None:
     (conv captures, where g is a transposed view) a batched matmul on the natural layout."""
     n, positions, d = g.shape
     if positions == 1 or g.is_contiguous():
-        acc.addmm_(g.reshape(-1, d).T, g.reshape(-1, d))  # full, never blocked
+        _accumulate_gram(acc, g.reshape(-1, d))
         return
     g_t = g.transpose(1, 2)
     per_example = torch.bmm(g_t, g_t.transpose(1, 2), out=ws.get("gram", (n, d, d), g))
@@ -477,7 +478,7 @@ def _fit_covariances(
     for name, acc in acc_a.items():
         acc = _mirror_upper(acc).to(torch.float64)
         cov_a[name] = to_weight_order(to_weight_order(acc, perms[name], 0), perms[name], 1) / positions[name]
-    cov_s = {name: acc.to(torch.float64) / total for name, acc in acc_s.items()}
+    cov_s = {name: _mirror_upper(acc).to(torch.float64) / total for name, acc in acc_s.items()}
     return cov_a, cov_s, total, cache
 
 
@@ -562,7 +563,7 @@ def _fit_eigenvalues(
     rotated per-example gradients with the per-side flop rule, in memory-bounded chunks.
     """
     acc: dict[str, Tensor] = {}
-    ops: dict[str, tuple[Tensor | None, Tensor | None]] = {}
+    ops: dict[str, tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]] = {}
     perms: dict[str, Tensor | None] = {}
     total = 0
     ws = Workspace()
@@ -577,21 +578,19 @@ def _fit_eigenvalues(
                 perms[name] = batch.perm
                 if q_a is not None:  # rows of Q_A follow the captured column order
                     q_a = to_internal_order(q_a.to(a.device), batch.perm, 0)
+                q_s = None if q_s is None else q_s.to(device=a.device, dtype=a.dtype)
+                q_a = None if q_a is None else q_a.to(dtype=a.dtype)
                 ops[name] = (
-                    None if q_s is None else q_s.to(device=a.device, dtype=a.dtype),
-                    None if q_a is None else q_a.to(dtype=a.dtype),
+                    q_s,
+                    q_a,
+                    None if q_s is None else q_s.T.contiguous(),
+                    None if q_a is None else q_a.T.contiguous(),
                 )
                 acc[name] = torch.zeros(d_out, d_in, dtype=a.dtype, device=a.device)
-            q_s, q_a = ops[name]
+            q_s, q_a, q_s_t, q_a_t = ops[name]
             if batch.positions == 1 and not ctx.reference:
-                if q_a is None:
-                    a_sq = a[:, 0].square()
-                else:
-                    a_sq = torch.mm(a[:, 0], q_a, out=ws.get("rot_a", (n, d_in), a)).square_()
-                if q_s is None:
-                    g_sq = g[:, 0].square()
-                else:
-                    g_sq = torch.mm(g[:, 0], q_s, out=ws.get("rot_g", (n, d_out), a)).square_()
+                a_sq = a[:, 0].square() if q_a is None else matmul_t(a[:, 0], q_a_t).square_()
+                g_sq = g[:, 0].square() if q_s is None else matmul_t(g[:, 0], q_s_t).square_()
                 acc[name].addmm_(g_sq.T, a_sq)
             else:
                 step = chunk_size(d_out * d_in * 2)
@@ -600,7 +599,7 @@ def _fit_eigenvalues(
                     if ctx.reference:
                         rotated = reference_rotated_grads(a[sl], g[sl], q_a, q_s)
                     else:
-                        rotated = rotated_per_example_grads(a[sl], g[sl], q_a, q_s, ws)
+                        rotated = rotated_per_example_grads(a[sl], g[sl], q_a, q_s, ws, q_a_t)
                     summed = torch.sum(rotated.square_(), 0, out=ws.get("lam_sum", (d_out, d_in), a))
                     acc[name].add_(summed)
     if total == 0:

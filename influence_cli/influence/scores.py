@@ -38,6 +38,7 @@ from influence_cli.influence.modules import (
 from influence_cli.influence.precondition import (
     LayerOperator,
     chunk_size,
+    matmul_t,
     operators,
     per_example_grads,
 )
@@ -53,7 +54,7 @@ __all__ = [
 
 MEASUREMENTS = ("loss", "margin")
 # Elements allowed in one intermediate (n, T, d) tensor of the pairwise contraction.
-_PAIR_ELEMENTS = 16 * 1024 * 1024
+_PAIR_ELEMENTS = 4 * 1024 * 1024
 
 
 def measurement_loss(logits: Tensor, labels: Tensor, measurement: str = "loss") -> Tensor:
@@ -118,8 +119,8 @@ def _self_scores(op: LayerOperator, batch: LayerBatch, ws: Workspace) -> Tensor:
         g_sq = g_rot.square() if op.q_s is None else g_rot.square_()
         # Σ_jk g̃_j² W_jk ã_k²: matmul over the larger side, rowwise dot over the smaller.
         if op.d_out <= op.d_in:
-            return (torch.mm(a_sq, w.T) * g_sq).sum(1)
-        return (torch.mm(g_sq, w) * a_sq).sum(1)
+            return (matmul_t(a_sq, w) * g_sq).sum(1)
+        return (matmul_t(g_sq, op.inverse_t) * a_sq).sum(1)
     n = batch.n
     out = a.new_empty(n)
     step = chunk_size(op.d_out * op.d_in * 2)
@@ -187,6 +188,14 @@ class _TestSide:
 
     matrix: Tensor
     rotated: bool
+    _transposed: Tensor | None = None
+
+    def transposed_rows(self) -> Tensor:
+        """M with (d_out, d_in) swapped, contiguous, as (T·d_in, d_out); built once."""
+        if self._transposed is None:
+            t, d_out, d_in = self.matrix.shape
+            self._transposed = self.matrix.transpose(1, 2).reshape(t * d_in, d_out)
+        return self._transposed
 
 
 def _test_batches(
@@ -301,20 +310,26 @@ def _pair_scores(op: LayerOperator, side: _TestSide, batch: LayerBatch, ws: Work
         if side.rotated:
             a2, g2 = op.rotate_vectors(a2, g2)
         out = a.new_empty(n, num_test)
+        # Contract the larger side with one GEMM per chunk of test rows (chunks keep the
+        # (n, t, d) intermediate cache-sized), then a batched dot over the smaller side.
         if op.d_out <= op.d_in:
-            # (n, d_in) @ (d_in, T·d_out) → (n, T, d_out), then dot with g over d_out.
-            step = max(1, _PAIR_ELEMENTS // max(1, n * op.d_out))
-            for t0 in range(0, num_test, step):
-                mt = m[t0 : t0 + step]
-                x = torch.mm(a2, mt.reshape(-1, op.d_in).T).view(n, mt.shape[0], op.d_out)
-                out[:, t0 : t0 + step] = torch.bmm(x, g2.unsqueeze(2)).squeeze(2)
+            big, small, d_small = a2, g2, op.d_out
         else:
-            step = max(1, _PAIR_ELEMENTS // max(1, n * op.d_in))
-            for t0 in range(0, num_test, step):
-                mt = m[t0 : t0 + step]
-                cols = mt.transpose(0, 1).reshape(op.d_out, -1)  # (d_out, t·d_in)
-                x = torch.mm(g2, cols).view(n, mt.shape[0], op.d_in)
-                out[:, t0 : t0 + step] = torch.bmm(x, a2.unsqueeze(2)).squeeze(2)
+            big, small, d_small = g2, a2, op.d_in
+        step = max(1, _PAIR_ELEMENTS // max(1, n * d_small))
+        for t0 in range(0, num_test, step):
+            t1 = min(num_test, t0 + step)
+            if op.d_out <= op.d_in:
+                rows = m[t0:t1].reshape(-1, op.d_in)  # (t·d_out, d_in)
+            else:
+                rows = side.transposed_rows()[t0 * op.d_in : t1 * op.d_in]  # (t·d_in, d_out)
+            x = matmul_t(big.contiguous(), rows)  # (n, t·d_small)
+            torch.bmm(
+                x.view(n, t1 - t0, d_small),
+                small.unsqueeze(2),
+                out=ws.get("pair_out", (n, t1 - t0, 1), a),
+            )
+            out[:, t0:t1] = ws.get("pair_out", (n, t1 - t0, 1), a).squeeze(2)
         return out
     out = a.new_empty(n, num_test)
     m_flat = m.reshape(num_test, -1)
@@ -322,7 +337,7 @@ def _pair_scores(op: LayerOperator, side: _TestSide, batch: LayerBatch, ws: Work
     for start in range(0, n, step):
         sl = slice(start, start + step)
         grads = op.rotated_grads(a[sl], g[sl], ws) if side.rotated else per_example_grads(a[sl], g[sl], ws)
-        out[sl] = torch.mm(grads.reshape(grads.shape[0], -1), m_flat.T)
+        out[sl] = matmul_t(grads.reshape(grads.shape[0], -1), m_flat)
     return out
 
 

@@ -303,3 +303,53 @@ def test_nothing_tracked_raises():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Softmax(-1))
     with pytest.raises(InfluenceError, match="nothing to track"):
         fit_factors(model, [(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))])
+
+
+def test_float32_fast_kernels_match_float64_reference():
+    """The float32 path (oneDNN/MKL kernels, workspace buffers) against float64."""
+    model64 = seeded(make_branch_cnn)
+    model32 = seeded(make_branch_cnn).float()
+    x, y = make_data((3, 4, 4), 40)
+    f64 = fit_factors(model64, batches(x, y, 16), "ekfac", dtype=F64, seed=2)
+    f32 = fit_factors(model32, batches(x.float(), y, 16), "ekfac", seed=2)
+    for name, layer in f64.layers.items():
+        other = f32.layers[name]
+        assert other.eigenvalues.dtype == torch.float32
+        # Compare basis-independent quantities: the dense preconditioners.
+        assert rel_err(dense_preconditioner(other), dense_preconditioner(layer)) < 1e-3, name
+
+
+@pytest.mark.parametrize("positions, d_in, d_out", [(16, 300, 4), (4, 260, 300), (1, 300, 270)])
+def test_float32_rotation_kernels(positions, d_in, d_out):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(80, positions, d_in, generator=gen)
+    g = torch.randn(80, positions, d_out, generator=gen)
+    q_a = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen, dtype=F64))[0]
+    q_s = torch.linalg.qr(torch.randn(d_out, d_out, generator=gen, dtype=F64))[0]
+    ref = reference_rotated_grads(a.double(), g.double(), q_a, q_s)
+    fast = rotated_per_example_grads(a, g, q_a.float(), q_s.float())
+    assert rel_err(fast.double(), ref) < 1e-4
+
+
+def test_pass_cache_does_not_change_results(cnn_setup):
+    model, x, y = cnn_setup
+    cached = fit_factors(model, batches(x, y, 5), "ekfac", dtype=F64)
+    uncached = fit_factors(model, batches(x, y, 5), "ekfac", dtype=F64, cache_bytes=0)
+    tiny = fit_factors(model, batches(x, y, 5), "ekfac", dtype=F64, cache_bytes=10_000)
+    for name in cached.layers:
+        torch.testing.assert_close(cached.layers[name].eigenvalues, uncached.layers[name].eigenvalues)
+        torch.testing.assert_close(tiny.layers[name].eigenvalues, uncached.layers[name].eigenvalues)
+
+
+def test_loader_must_repeat_its_data(mlp_setup):
+    model, x, y = mlp_setup
+
+    class OneShot:
+        def __init__(self):
+            self.it = iter(batches(x, y, 8))
+
+        def __iter__(self):
+            return self.it
+
+    with pytest.raises(InfluenceError, match="pass 1 but"):
+        fit_factors(model, OneShot(), "ekfac", cache_bytes=0)
