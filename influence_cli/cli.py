@@ -341,6 +341,58 @@ def report(
     err.print(f"report: {escape(str(path))} ({si.summary['run']['flagged']} flagged of {si.summary['run']['examples']})")
 
 
+@app.command()
+@handle_errors
+def evaluate(
+    config: Optional[str] = ConfigOption,
+    set_: Optional[List[str]] = SetOption,
+    noise: Optional[float] = typer.Option(
+        None, "--noise", min=0.0, max=1.0,
+        help="Flip this share of training labels (seeded), retrain, and measure how well each ranking finds them "
+        "(AUROC, average precision, precision@k, recall in the top 5/10/20 %). Default 0.1 when --lds is not given.",
+    ),
+    kind: str = typer.Option("uniform", "--kind", help="Label noise: uniform (random other class) or class_conditional (a fixed confusion)."),
+    lds: bool = typer.Option(False, "--lds", help="Linear datamodeling score: retrain on random subsets and correlate with predicted effects."),
+    subsets: int = typer.Option(100, "--subsets", min=2, help="LDS: number of random training subsets (each retraining is cached)."),
+    fraction: float = typer.Option(0.5, "--fraction", min=0.01, max=0.99, help="LDS: share of the training set in each subset."),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="LDS: retrainings per subset (averaged)."),
+    test_rows: int = typer.Option(100, "--test-rows", min=1, help="LDS: the first N rows of the test split."),
+    measurement: str = typer.Option("loss", "--measurement", "-m", help="LDS: loss or margin."),
+    strategies: Optional[List[str]] = typer.Option(
+        None, "--strategy", "-s", help="Strategy to evaluate (repeatable; default: every fast registered strategy)."
+    ),
+) -> None:
+    """Check how far to trust the rankings on your own data: injected-noise detection and LDS.
+
+    Writes runs/<name>-noise<F>-<kind>/evaluation.json and runs/<name>/lds.json.
+    """
+    from influence_cli.evaluation import run_evaluate
+
+    if kind not in ("uniform", "class_conditional"):
+        raise InflError(f"--kind: '{kind}' is not one of uniform, class_conditional")
+    if measurement not in ("loss", "margin"):
+        raise InflError(f"--measurement: '{measurement}' is not one of loss, margin")
+    for name in strategies or []:
+        check_strategy(name)
+    session = open_session(config, set_)
+    start = time.perf_counter()
+    run_evaluate(
+        session.config,
+        noise=noise,
+        noise_kind=kind,
+        lds=lds,
+        subsets=subsets,
+        fraction=fraction,
+        seeds=seeds,
+        test_rows=test_rows,
+        measurement=measurement,
+        strategies=strategies,
+        reporter=session.reporter,
+        console=err,
+    )
+    err.print(f"evaluation finished in {time.perf_counter() - start:.1f} s", highlight=False)
+
+
 @config_app.command("list")
 @handle_errors
 def config_list() -> None:

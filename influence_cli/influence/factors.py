@@ -359,15 +359,16 @@ def iterate_batches(loader: Iterable, device: torch.device) -> Iterator[tuple[Te
 
 
 def captured_batches(
-    ctx: FitContext, stage: str
+    ctx: FitContext, stage: str, workspace: Workspace | None = None
 ) -> Iterator[tuple[int, dict[str, LayerBatch]]]:
     """(batch size, {layer: (a, g)}) per batch, with Fisher labels as configured.
 
     The sampling generator is re-seeded on every call, so both fitting passes see the
-    same sampled labels (given the loader order).
+    same sampled labels (given the loader order). The yielded tensors may live in
+    ``workspace`` (valid until the next batch) unless it is disabled.
     """
     generator = torch.Generator().manual_seed(int(ctx.seed))
-    capture = ActivationCapture(ctx.modules, workspace=Workspace())
+    capture = ActivationCapture(ctx.modules, workspace=workspace or Workspace())
     with torch.no_grad(), eval_mode(ctx.model), capture:
         for inputs, labels in iterate_batches(ctx.loader, ctx.device):
             logits = capture.forward(ctx.model, inputs)
@@ -426,6 +427,11 @@ def _accumulate_gram_positions(acc: Tensor, g: Tensor, ws: Workspace) -> None:
     if positions == 1 or g.is_contiguous():
         _accumulate_gram(acc, g.reshape(-1, d))
         return
+    if d > positions:  # per-example d×d products would outgrow g itself: copy rows
+        rows = ws.get("gram_rows", (n, positions, d), g)
+        rows.copy_(g)
+        _accumulate_gram(acc, rows.view(-1, d))
+        return
     g_t = g.transpose(1, 2)
     per_example = torch.bmm(g_t, g_t.transpose(1, 2), out=ws.get("gram", (n, d, d), g))
     acc.add_(torch.sum(per_example, 0, out=ws.get("gram_sum", (d, d), g)))
@@ -448,7 +454,8 @@ def _fit_covariances(
     perms: dict[str, Tensor | None] = {}
     total = 0
     ws = Workspace()
-    for n, layers in captured_batches(ctx, "covariance"):
+    capture_ws = Workspace()
+    for n, layers in captured_batches(ctx, "covariance", capture_ws):
         total += n
         for name, batch in layers.items():
             d_in, d_out = batch.a.shape[2], batch.g.shape[2]
@@ -466,12 +473,20 @@ def _fit_covariances(
                 (b.a.numel() + b.g.numel()) * b.a.element_size() for b in layers.values()
             )
             cached += size
+            if not cache:  # first batch: give up at once if the whole set cannot fit
+                expected = _expected_examples(ctx.loader, n)
+                if expected is not None and size * expected / n > cache_bytes:
+                    cached = cache_bytes + 1
             if cached > cache_bytes:
                 cache = None
-            else:
+                capture_ws.enabled = True
+            elif capture_ws.enabled:  # first batch: its tensors live in the workspace
                 cache.append(
                     (n, {k: LayerBatch(b.a.clone(), b.g.clone(), b.perm) for k, b in layers.items()})
                 )
+                capture_ws.enabled = False  # later batches are fresh tensors: keep them
+            else:
+                cache.append((n, layers))
     if total == 0:
         raise InfluenceError("the data loader yielded no examples")
     cov_a = {}
@@ -556,6 +571,7 @@ def _fit_eigenvalues(
     ctx: FitContext,
     bases: dict[str, tuple[Tensor | None, Tensor | None]],
     cache: list[BatchData] | None = None,
+    expected: int | None = None,
 ) -> tuple[dict[str, Tensor], int]:
     """Pass 2: Λ_jk = (1/N) Σ_i (Q_Sᵀ G_i Q_A)_jk² per layer, bases given as (Q_S, Q_A).
 
@@ -602,6 +618,11 @@ def _fit_eigenvalues(
                         rotated = rotated_per_example_grads(a[sl], g[sl], q_a, q_s, ws, q_a_t)
                     summed = torch.sum(rotated.square_(), 0, out=ws.get("lam_sum", (d_out, d_in), a))
                     acc[name].add_(summed)
+    if expected is not None and total != expected:
+        raise InfluenceError(
+            f"the data loader yielded {expected} examples in pass 1 but {total} in pass 2; "
+            "it must iterate the same data each time (a re-iterable loader, not an iterator)"
+        )
     if total == 0:
         raise InfluenceError("the data loader yielded no examples")
     # With an identity A basis the columns of Λ are weight columns: back to weight order.
@@ -615,13 +636,8 @@ def _fit_eigenvalues(
 def _fit_ekfac(ctx: FitContext) -> tuple[dict[str, LayerFactors], int]:
     bases, total, cache = _fit_kfac_bases(ctx, ctx.cache_bytes)
     qs = {name: (b[1], b[3]) for name, b in bases.items()}
-    lam, total2 = _fit_eigenvalues(ctx, qs, cache)
+    lam, _ = _fit_eigenvalues(ctx, qs, cache, expected=total)
     del cache
-    if total2 != total:
-        raise InfluenceError(
-            f"the data loader yielded {total} examples in pass 1 but {total2} in pass 2; "
-            "it must iterate the same data each time"
-        )
     return _build_layers(ctx, {n: (q[0], q[1], lam[n]) for n, q in qs.items()}), total
 
 
@@ -643,6 +659,20 @@ def _fit_identity(ctx: FitContext) -> tuple[dict[str, LayerFactors], int]:
         _kind, d_out, d_in, _bias = _layer_info(ctx, name)
         out[name] = (None, None, torch.zeros(d_out, d_in, dtype=torch.float64))
     return _build_layers(ctx, out), total
+
+
+def _expected_examples(loader: Iterable, first_batch: int) -> int | None:
+    """Dataset size if the loader knows it (len(loader.dataset) or batches × size)."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None:
+        try:
+            return len(dataset)
+        except TypeError:
+            pass
+    try:
+        return len(loader) * first_batch  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def _count_examples(loader: Iterable) -> int:

@@ -368,25 +368,67 @@ def pairwise_scores(
     if top is not None and top < 1:
         raise InfluenceError(f"top must be a positive integer, not {top!r}")
     dev, modules, ops = _setup(model, factors, device)
-    if test_gradients is None:
-        sides = _test_side(
-            model, modules, ops, test_inputs, test_labels, measurement, dev,
-            test_batch_size, _dataset_size(train_loader), on_batch,
-        )
-    else:
-        missing = set(ops) - set(test_gradients)
-        if missing:
-            raise InfluenceError(f"test_gradients lack layers {sorted(missing)}")
-        dtype = model_dtype(model)
-        sides = {
-            name: _TestSide(
-                to_internal_order(test_gradients[name].to(device=dev, dtype=dtype), ops[name].perm, 2),
-                False,
+    num_test = len(test_inputs) if test_gradients is None else _num_rows(test_gradients)
+    if num_test == 0:
+        raise InfluenceError("no test rows to score")
+    # Preconditioned test gradients take T × (number of weights) elements; past the
+    # budget, test rows are scored in groups, each streaming the training set once.
+    per_row = sum(op.d_out * op.d_in for op in ops.values())
+    group = max(1, _TEST_GROUP_ELEMENTS // per_row)
+    results = []
+    for t0 in range(0, num_test, group):
+        rows = slice(t0, min(num_test, t0 + group))
+        if test_gradients is None:
+            sides = _test_side(
+                model, modules, ops, test_inputs[rows], torch.as_tensor(test_labels)[rows],
+                measurement, dev, test_batch_size, _dataset_size(train_loader), on_batch,
             )
-            for name in ops
-        }
-    num_test = next(iter(sides.values())).matrix.shape[0]
+        else:
+            missing = set(ops) - set(test_gradients)
+            if missing:
+                raise InfluenceError(f"test_gradients lack layers {sorted(missing)}")
+            dtype = model_dtype(model)
+            sides = {
+                name: _TestSide(
+                    to_internal_order(
+                        test_gradients[name][rows].to(device=dev, dtype=dtype), ops[name].perm, 2
+                    ),
+                    False,
+                )
+                for name in ops
+            }
+        results.append(_stream_train(model, modules, ops, sides, train_loader, dev, top, on_batch))
+    if top is None:
+        result = torch.cat(results, dim=0)
+        if not bool(torch.isfinite(result).all()):
+            raise InfluenceError("influence scores are not finite (check the damping and inputs)")
+        return result
+    merged = TopInfluences(*(torch.cat([getattr(r, f) for r in results]) for f in _TOP_FIELDS))
+    if not (bool(torch.isfinite(merged.proponent_scores).all()) and bool(torch.isfinite(merged.opponent_scores).all())):
+        raise InfluenceError("influence scores are not finite (check the damping and inputs)")
+    return merged
 
+
+_TOP_FIELDS = ("proponent_scores", "proponent_indices", "opponent_scores", "opponent_indices")
+_TEST_GROUP_ELEMENTS = 128 * 1024 * 1024
+
+
+def _num_rows(test_gradients: dict[str, Tensor]) -> int:
+    return int(next(iter(test_gradients.values())).shape[0])
+
+
+def _stream_train(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    ops: dict[str, LayerOperator],
+    sides: dict[str, _TestSide],
+    train_loader: Iterable,
+    dev: torch.device,
+    top: int | None,
+    on_batch: ProgressCallback | None,
+) -> Tensor | TopInfluences:
+    """One pass over the training set for one group of test rows."""
+    num_test = next(iter(sides.values())).matrix.shape[0]
     full: list[Tensor] = []
     best = worst = None
     offset = 0
@@ -409,13 +451,8 @@ def pairwise_scores(
     if offset == 0:
         raise InfluenceError("the training data loader yielded no examples")
     if top is None:
-        result = torch.cat(full, dim=1)
-        if not bool(torch.isfinite(result).all()):
-            raise InfluenceError("influence scores are not finite (check the damping and inputs)")
-        return result
+        return torch.cat(full, dim=1)
     assert best is not None and worst is not None
-    if not (bool(torch.isfinite(best[0]).all()) and bool(torch.isfinite(worst[0]).all())):
-        raise InfluenceError("influence scores are not finite (check the damping and inputs)")
     return TopInfluences(best[0].cpu(), best[1].cpu(), worst[0].cpu(), worst[1].cpu())
 
 

@@ -77,9 +77,18 @@ def test_capture_shapes_and_bias_column():
     assert seq_layers["head"].a.shape == (3, 1, 5)
 
 
-def test_padding_same_conv_matches_reference():
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize(
+    "conv, flat",
+    [
+        (lambda: nn.Conv2d(2, 3, (2, 3), padding="same"), 48),  # asymmetric implicit padding
+        (lambda: nn.Conv2d(2, 3, 3, padding="valid"), 12),
+        (lambda: nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), 36),
+    ],
+)
+def test_conv_variants_match_reference(conv, flat):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, (2, 3), padding="same"), nn.Tanh(), nn.Flatten(), nn.Linear(48, 3)).double()
+    model = nn.Sequential(conv(), nn.Tanh(), nn.Flatten(), nn.Linear(flat, 3)).double()
     x, y = make_data((2, 4, 4), 5)
     fast, _ = captured_grads(model, x, y)
     ref = per_example_gradients(model, list(fast), x, y)

@@ -158,3 +158,17 @@ def test_scores_refuse_factors_of_another_model(mlp_setup, cnn_setup):
     cnn, xc, yc = cnn_setup
     with pytest.raises(FactorsError):
         self_influence(cnn, factors, batches(xc, yc, 4))
+
+
+def test_test_rows_in_groups_match_single_group(mlp_setup, monkeypatch):
+    model, x, y = mlp_setup
+    factors = fit_factors(model, batches(x, y, 6), "kfac", dtype=F64)
+    xt, yt = x[:7], y[:7]
+    whole = pairwise_scores(model, factors, batches(x, y, 5), xt, yt)
+    whole_top = pairwise_scores(model, factors, batches(x, y, 5), xt, yt, top=3)
+    monkeypatch.setattr(scores_mod, "_TEST_GROUP_ELEMENTS", 150)  # ~2 rows per group
+    grouped = pairwise_scores(model, factors, batches(x, y, 5), xt, yt)
+    grouped_top = pairwise_scores(model, factors, batches(x, y, 5), xt, yt, top=3)
+    assert rel_err(grouped, whole) < 1e-12
+    assert torch.equal(grouped_top.proponent_indices, whole_top.proponent_indices)
+    assert torch.equal(grouped_top.opponent_indices, whole_top.opponent_indices)

@@ -1,0 +1,144 @@
+"""Helpers shared by the detection and LDS evaluations."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+from influence_cli.errors import FactorsError, InflError
+
+# Strategies left out of the default list: their self-influence / pairwise scores solve one
+# iterative problem per example (hours on a full training set). A registry entry can also
+# opt out by carrying ``slow=True`` or by saying "slow" in its description.
+SLOW_STRATEGIES = frozenset({"lissa"})
+
+
+def is_slow(name: str, entry: Any = None, description: str = "") -> bool:
+    flag = getattr(entry, "slow", None)
+    if isinstance(flag, bool):
+        return flag
+    return name in SLOW_STRATEGIES or "slow" in description.lower()
+
+
+def default_strategies() -> list[str]:
+    """Every registered strategy except the very slow ones, in registry order."""
+    from influence_cli.influence import STRATEGIES, available_strategies
+
+    names = []
+    for name, description in available_strategies().items():
+        if not is_slow(name, STRATEGIES.get(name), description):
+            names.append(name)
+    return names
+
+
+def resolve_strategies(strategies: Optional[Iterable[str]]) -> list[str]:
+    if strategies is None:
+        return default_strategies()
+    names = []
+    for name in strategies:
+        if name not in names:
+            names.append(str(name))
+    if not names:
+        raise InflError("evaluate: no strategies given; name at least one (e.g. ekfac)")
+    return names
+
+
+@dataclass
+class TimedFactors:
+    factors: Any
+    fit_seconds: float  # time to fit them (now, or as recorded when they were stored)
+    reused: bool
+
+
+def timed_factors(session: Any, state: Any, strategy: str) -> TimedFactors:
+    """``ensure_factors`` plus the fitting wall time, also for factors reused from disk.
+
+    Stale factors are refitted, as in every audit command.
+    """
+    from influence_cli.influence.factors import Factors
+    from influence_cli.pipeline import ensure_factors
+
+    fstate = ensure_factors(session, state, strategy, refit_stale=True)
+    if not fstate.reused:
+        return TimedFactors(fstate.factors, float(fstate.seconds), False)
+    try:
+        recorded = Factors.read_meta(fstate.directory).get("fit_seconds")
+    except FactorsError:
+        recorded = None
+    seconds = float(recorded) if isinstance(recorded, (int, float)) else float(fstate.seconds)
+    return TimedFactors(fstate.factors, seconds, True)
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def clean_number(value: Any, digits: int = 6) -> Optional[float]:
+    """A JSON-safe float (None for NaN/inf), rounded for readable files."""
+    value = float(value)
+    if not math.isfinite(value):
+        return None
+    return round(value, digits)
+
+
+def json_safe(obj: Any) -> Any:
+    """Numpy scalars/arrays → Python numbers/lists; NaN → None."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    return obj
+
+
+def derived_config(config: Any, *, name: str, updates: dict[str, Any]) -> Any:
+    """A validated copy of ``config`` with a new name and dotted-key updates applied."""
+    from influence_cli.config import config_from_dict
+
+    data = config.model_dump(mode="json")
+    data["name"] = name
+    for dotted, value in updates.items():
+        node = data
+        keys = dotted.split(".")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    derived = config_from_dict(data, config.source_file, base_dir=config.base_dir)
+    return derived
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "—"
+    return f"{float(value):.{digits}f}"
+
+
+def fmt_seconds(value: Any) -> str:
+    if value is None:
+        return "—"
+    value = float(value)
+    if value < 1:
+        return f"{value * 1000:.0f} ms"
+    if value < 10:
+        return f"{value:.2f} s"
+    if value < 600:
+        return f"{value:.1f} s"
+    return f"{value / 60:.1f} min"
