@@ -1,13 +1,17 @@
 #!/usr/bin/env python
 """Benchmark the influence engine on the workloads of ARCHITECTURE.md.
 
-    python scripts/benchmark.py {fit-factors,self-influence,score} [--workload mlp784|cnn32|all] [--kronfluence]
+    python scripts/benchmark.py {fit-factors,self-influence,score} [--workload mlp784|cnn32|all]
+                                [--kronfluence] [--repeat N]
 
 Each workload: synthetic seeded data, the model trained ~1 epoch with Adam, CPU,
 torch.set_num_threads(2), float32. Every measured stage runs in its own subprocess so
 its peak RSS is its own; times are reported in-process and as a whole process, and as
 a ratio to one forward+backward epoch (summed CE, weight grads, no optimizer step,
-median of 3) measured in the same run.
+median of 3 after a warm-up epoch) measured in the same run. Each stage process first
+runs one warm-up forward+backward batch (not timed), then the stage once.
+
+More workloads (e.g. ``digits-mlp``) plug in as entries of ``WORKLOADS``.
 """
 
 from __future__ import annotations
@@ -139,6 +143,14 @@ def _epoch(model: nn.Module, loader: Batches) -> None:
         F.cross_entropy(model(xb), yb, reduction="sum").backward()
 
 
+def _warmup(model: nn.Module, loader: Batches) -> None:
+    """One forward+backward batch, as the epoch measurement also runs warm: starts the
+    thread pools and the allocator so neither side pays process start-up costs."""
+    xb, yb = next(iter(loader))
+    F.cross_entropy(model(xb), yb, reduction="sum").backward()
+    model.zero_grad(set_to_none=True)
+
+
 def run_stage(stage: str, workload: Workload, directory: Path) -> dict:
     """Body of one measured subprocess; returns its timings."""
     torch.set_num_threads(THREADS)
@@ -148,6 +160,8 @@ def run_stage(stage: str, workload: Workload, directory: Path) -> dict:
     loader = Batches(blob["x"], blob["y"], workload.batch_size)
     factors_dir = directory / f"{workload.name}-factors"
     result: dict = {}
+    if stage != "epoch":
+        _warmup(model, loader)
     if stage == "epoch":
         _epoch(model, loader)  # warm-up
         times = []
@@ -260,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", nargs="?", choices=sorted(STAGES))
     parser.add_argument("--workload", default="all", choices=[*WORKLOADS, "all"])
     parser.add_argument("--kronfluence", action="store_true", help="also run kronfluence's ekfac if importable")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="repeat epoch + stage measurements and report medians (noisy machines)")
     parser.add_argument("--_stage", help=argparse.SUPPRESS)
     parser.add_argument("--_dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -286,34 +302,62 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             workload = WORKLOADS[name]
             prepare(workload, directory)
-            epoch = measure("epoch", workload, directory)
-            if "error" in epoch:
-                print(f"{name}: epoch failed: {epoch['error']}")
-                continue
-            base = epoch["seconds"]
-            rows.append((name, "fwd+bwd epoch", base, epoch["process_seconds"], 1.0, epoch["max_rss_mb"], ""))
             stages = list(STAGES[args.stage])
+            if use_kron:
+                stages.append(KRONFLUENCE[args.stage])
             if args.stage != "fit-factors":
                 prep = measure("fit-factors", workload, directory)  # factors for the later stages
                 if "error" in prep:
                     print(f"{name}: fitting factors failed: {prep['error']}")
                     continue
-            if use_kron:
-                stages.append(KRONFLUENCE[args.stage])
+            # Each repetition re-measures the epoch next to the stages, so every ratio
+            # pairs measurements taken under the same machine load.
+            epochs: list[dict] = []
+            results: dict[str, list[dict]] = {stage: [] for stage in stages}
+            for _ in range(args.repeat):
+                epoch = measure("epoch", workload, directory)
+                if "error" in epoch:
+                    print(f"{name}: epoch failed: {epoch['error']}")
+                    break
+                epochs.append(epoch)
+                for stage in stages:
+                    res = measure(stage, workload, directory)
+                    if "error" not in res:
+                        res["ratio"] = res["seconds"] / epoch["seconds"]
+                    results[stage].append(res)
+            if not epochs:
+                continue
+            rows.append(_row(name, "fwd+bwd epoch", [dict(e, ratio=1.0) for e in epochs], None))
             for stage in stages:
-                res = measure(stage, workload, directory)
-                if "error" in res:
-                    rows.append((name, stage, None, None, None, None, res["error"][:60]))
-                    continue
-                target = TARGETS.get((name, stage))
-                note = res.get("note", "")
-                if target is not None:
-                    ratio = res["seconds"] / base
-                    note = (note + " " if note else "") + f"target ≤ {target}: {'ok' if ratio <= target else 'MISSED'}"
-                rows.append((name, stage, res["seconds"], res["process_seconds"], res["seconds"] / base,
-                             res["max_rss_mb"], note))
+                rows.append(_row(name, stage, results[stage], TARGETS.get((name, stage))))
+    if args.repeat > 1:
+        print(f"medians of {args.repeat} repetitions; × epoch pairs each stage with the epoch "
+              "measured just before it")
     _print_table(rows)
     return 0
+
+
+def _row(name: str, stage: str, runs: list[dict], target: float | None) -> tuple:
+    """One table row: medians over repetitions, peak RSS max, notes."""
+    errors = [r["error"] for r in runs if "error" in r]
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return (name, stage, None, None, None, None, (errors or ["not run"])[0][:60])
+    med = statistics.median
+    ratio = med(r["ratio"] for r in good)
+    notes = [good[0]["note"]] if good[0].get("note") else []
+    if len(good) > 1 and stage == "fwd+bwd epoch":
+        secs = sorted(r["seconds"] for r in good)
+        notes.append(f"range {secs[0]:.3f}-{secs[-1]:.3f} s")
+    elif len(good) > 1:
+        ratios = sorted(r["ratio"] for r in good)
+        notes.append(f"range {ratios[0]:.2f}-{ratios[-1]:.2f}")
+    if target is not None:
+        notes.append(f"target ≤ {target}: {'ok' if ratio <= target else 'MISSED'}")
+    return (
+        name, stage, med(r["seconds"] for r in good), med(r["process_seconds"] for r in good),
+        ratio, max(r["max_rss_mb"] for r in good), " ".join(notes),
+    )
 
 
 def _print_table(rows: list[tuple]) -> None:

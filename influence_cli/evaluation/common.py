@@ -9,6 +9,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from influence_cli.audit.report import jsonable as json_safe  # one JSON-cleaning rule for every file we write
+
 from influence_cli.errors import FactorsError, InflError
 
 # Strategies left out of the default list: their self-influence / pairwise scores solve one
@@ -87,24 +89,6 @@ def clean_number(value: Any, digits: int = 6) -> Optional[float]:
     if not math.isfinite(value):
         return None
     return round(value, digits)
-
-
-def json_safe(obj: Any) -> Any:
-    """Numpy scalars/arrays → Python numbers/lists; NaN → None."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    return obj
 
 
 def derived_config(config: Any, *, name: str, updates: dict[str, Any]) -> Any:

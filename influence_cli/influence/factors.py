@@ -605,9 +605,11 @@ def _fit_eigenvalues(
                 acc[name] = torch.zeros(d_out, d_in, dtype=a.dtype, device=a.device)
             q_s, q_a, q_s_t, q_a_t = ops[name]
             if batch.positions == 1 and not ctx.reference:
-                a_sq = a[:, 0].square() if q_a is None else matmul_t(a[:, 0], q_a_t).square_()
-                g_sq = g[:, 0].square() if q_s is None else matmul_t(g[:, 0], q_s_t).square_()
-                acc[name].addmm_(g_sq.T, a_sq)
+                # Transposed layout (d, n) so all three products are x @ wᵀ GEMMs:
+                # ãᵀ = Q_Aᵀ aᵀ, g̃ᵀ = Q_Sᵀ gᵀ, then Λ += (g̃∘g̃)ᵀ (ã∘ã).
+                a_sq = a[:, 0].T.square() if q_a is None else matmul_t(q_a_t, a[:, 0]).square_()
+                g_sq = g[:, 0].T.square() if q_s is None else matmul_t(q_s_t, g[:, 0]).square_()
+                acc[name].add_(matmul_t(g_sq.contiguous(), a_sq.contiguous()))
             else:
                 step = chunk_size(d_out * d_in * 2)
                 for start in range(0, n, step):
@@ -662,26 +664,27 @@ def _fit_identity(ctx: FitContext) -> tuple[dict[str, LayerFactors], int]:
 
 
 def _expected_examples(loader: Iterable, first_batch: int) -> int | None:
-    """Dataset size if the loader knows it (len(loader.dataset) or batches × size)."""
-    dataset = getattr(loader, "dataset", None)
-    if dataset is not None:
-        try:
-            return len(dataset)
-        except TypeError:
-            pass
+    """How many examples the loader will yield, if it can tell without iterating."""
+    count = getattr(loader, "num_examples", None)
+    if isinstance(count, int):
+        return count
     try:
         return len(loader) * first_batch  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return None if dataset is None else len(dataset)
     except TypeError:
         return None
 
 
 def _count_examples(loader: Iterable) -> int:
-    dataset = getattr(loader, "dataset", None)
-    if dataset is not None:
-        try:
-            return len(dataset)
-        except TypeError:
-            pass
+    """Examples the loader yields (a ``num_examples`` attribute, else one pass over it;
+    ``len(loader.dataset)`` is not trusted: samplers and index subsets change it)."""
+    count = getattr(loader, "num_examples", None)
+    if isinstance(count, int):
+        return count
     return sum(int(len(batch[1])) for batch in loader)
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from influence_cli.errors import InfluenceError

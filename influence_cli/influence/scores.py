@@ -212,16 +212,17 @@ def _test_batches(
 
 
 def _dataset_size(loader: Iterable) -> int | None:
+    """Approximate number of training examples (only steers a flop-count choice)."""
+    count = getattr(loader, "num_examples", None)
+    if isinstance(count, int):
+        return count
     dataset = getattr(loader, "dataset", None)
     if dataset is not None:
         try:
             return len(dataset)
         except TypeError:
             return None
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return None
+    return None
 
 
 def _prefer_eigenbasis(op: LayerOperator, num_test: int, positions: int, num_train: int | None) -> bool:
