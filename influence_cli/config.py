@@ -109,9 +109,66 @@ class TrainConfig(_Strict):
     device: str = "auto"
 
 
+CURVATURES = ("gauss_newton", "hessian")
+
+
+def _auto_or_positive(value: Any, *, allow_none: bool = False) -> Any:
+    """Validate 'auto' or a number > 0 (None passes when allowed)."""
+    if value is None and allow_none:
+        return None
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("must be 'auto' or a number > 0") from None
+    if not number > 0 or number != number or number == float("inf"):
+        raise ValueError("must be 'auto' or a number > 0")
+    return number
+
+
+class ExactConfig(_Strict):
+    """The dense solver: the full damped curvature over every tracked parameter."""
+
+    curvature: Literal["gauss_newton", "hessian"] = Field(
+        "gauss_newton", description="gauss_newton (= true Fisher, positive semi-definite) or hessian"
+    )
+    max_params: int = Field(20000, ge=1, description="refuse models with more tracked parameters (memory ~ 8 P^2 bytes)")
+
+
+class LissaConfig(_Strict):
+    """Stochastic Neumann-series solver: (H + lambda I)^-1 v by `depth` minibatch steps."""
+
+    curvature: Literal["gauss_newton", "hessian"] = "gauss_newton"
+    depth: int = Field(1000, ge=1, description="recursion steps per solve")
+    scale: Union[float, str] = Field("auto", description="'auto' (from the largest curvature eigenvalue) or a number > 0")
+    damping: Optional[Union[float, str]] = Field(None, description="null = influence.damping; 'auto' or a number > 0")
+    repeats: int = Field(1, ge=1, description="independent solves averaged")
+    batch_size: int = Field(64, ge=1, description="training examples per curvature product")
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _scale(cls, value: Any) -> Union[str, float]:
+        return _auto_or_positive(value)
+
+    @field_validator("damping", mode="before")
+    @classmethod
+    def _lissa_damping(cls, value: Any) -> Optional[Union[str, float]]:
+        return _auto_or_positive(value, allow_none=True)
+
+
 class InfluenceConfig(_Strict):
     strategy: str = "ekfac"
-    damping: Union[float, str] = Field("auto", description="'auto' (0.1 x mean eigenvalue per layer) or a number")
+    damping: Union[float, str] = Field("auto", description="'auto' (damping_factor x mean eigenvalue per layer) or a number")
+    damping_factor: float = Field(0.1, gt=0.0, description="damping: auto = this factor x the mean curvature eigenvalue")
+    damping_scope: Literal["global", "layer"] = Field(
+        "layer", description="damping: auto averages the eigenvalues of every layer (global) or of each layer (layer)"
+    )
+    ensemble: Union[int, list[str]] = Field(
+        1, description="K models trained with seeds seed..seed+K-1, or a list of checkpoints; scores are averaged"
+    )
+    exact: ExactConfig = Field(default_factory=ExactConfig)
+    lissa: LissaConfig = Field(default_factory=LissaConfig)
     fisher: Literal["true", "empirical"] = "true"
     modules: Optional[list[str]] = Field(None, description="fnmatch patterns of layer names to track")
     device: str = "auto"
@@ -135,6 +192,22 @@ class InfluenceConfig(_Strict):
     @classmethod
     def _device(cls, value: str) -> str:
         return _check_device(value)
+
+    @field_validator("ensemble")
+    @classmethod
+    def _ensemble(cls, value: Union[int, list[str]]) -> Union[int, list[str]]:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise ValueError("must be a number of models >= 1 or a list of checkpoint paths")
+        elif isinstance(value, list):
+            if not value:
+                raise ValueError("the checkpoint list is empty; give at least one path or a number of models")
+        else:
+            raise ValueError("must be a number of models >= 1 or a list of checkpoint paths")
+        return value
+
+    def ensemble_size(self) -> int:
+        return self.ensemble if isinstance(self.ensemble, int) else len(self.ensemble)
 
 
 class FlagConfig(_Strict):
@@ -180,6 +253,15 @@ class Config(_Strict):
     def _train_device(cls, value: TrainConfig) -> TrainConfig:
         _check_device(value.device)
         return value
+
+    @model_validator(mode="after")
+    def _one_checkpoint_source(self) -> "Config":
+        if isinstance(self.influence.ensemble, list) and self.model.checkpoint:
+            raise ValueError(
+                "influence.ensemble lists checkpoints and model.checkpoint is set too; "
+                "put every checkpoint in influence.ensemble and remove model.checkpoint"
+            )
+        return self
 
     def resolve_path(self, path: str | Path) -> Path:
         """Resolve a path from the config against the config's own folder."""

@@ -27,6 +27,7 @@ from influence_cli.run import (
     atomic_write_json,
     atomic_write_text,
     hash_file,
+    hash_object,
     influence_hash,
     read_json,
     training_hash,
@@ -48,15 +49,25 @@ class ModelState:
 
 @dataclass
 class Session:
-    """Everything loaded for one command: config, run directory, data, reporter."""
+    """Everything loaded for one command: config, run directory, data, reporter.
+
+    ``member`` k >= 1 is the k-th extra model of an ensemble (``influence.ensemble``): same
+    data, its own seed (seed + k) or checkpoint, its own run directory.
+    """
 
     config: Config
     reporter: Reporter
     run: RunDir = field(init=False)
     datasets: Any = None
+    member: int = 0
 
     def __post_init__(self) -> None:
-        self.run = RunDir(self.config)
+        self.run = RunDir(self.config, self.member)
+
+    @property
+    def model_seed(self) -> int:
+        """Seeds initial weights, shuffling and Fisher sampling (not the data split)."""
+        return int(self.config.seed) + self.member
 
     def data(self) -> Any:
         if self.datasets is None:
@@ -69,23 +80,55 @@ class Session:
 # ----------------------------------------------------------------------------- model
 
 
+def member_checkpoint(config: Config, member: int) -> Optional[str]:
+    """The user checkpoint of an ensemble member, or None when the member is trained."""
+    if isinstance(config.influence.ensemble, list):
+        return config.influence.ensemble[member]
+    return config.model.checkpoint if member == 0 else None
+
+
+def member_training_hash(config: Config, member: int) -> str:
+    base = training_hash(config)
+    return base if member == 0 else hash_object({"training_hash": base, "ensemble_member": member})
+
+
+def ensemble_sessions(session: Session) -> list[Session]:
+    """The sessions of every ensemble member (member 0 is ``session`` itself); they share
+    the data and the reporter."""
+    config = session.config
+    size = config.influence.ensemble_size()
+    if size > 1 and isinstance(config.influence.ensemble, int) and config.model.checkpoint:
+        raise InflError(
+            f"{config.source_file}: influence.ensemble: {size} trains {size} models, which cannot be combined "
+            "with model.checkpoint; list the checkpoints instead (influence.ensemble: [a.pt, b.pt, ...])"
+        )
+    if session.member != 0:
+        return [session]
+    data = session.data()
+    members = [session]
+    for k in range(1, size):
+        members.append(Session(config, session.reporter, datasets=data, member=k))
+    return members
+
+
 def ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
     """Load the user's checkpoint, reuse a valid trained one, or train and save a new one."""
     config, run, reporter = session.config, session.run, session.reporter
     data = session.data()
     num_classes = len(data.class_names)
-    model = build_model(config.model, tuple(data.input_shape), num_classes, seed=config.seed)
+    model = build_model(config.model, tuple(data.input_shape), num_classes, seed=session.model_seed)
     device = resolve_device(config.train.device)
     trained_now = False
     info: dict[str, Any] = {}
-    if config.model.checkpoint:
-        path = config.resolve_path(config.model.checkpoint)
+    user_checkpoint = member_checkpoint(config, session.member)
+    if user_checkpoint:
+        path = config.resolve_path(user_checkpoint)
         load_checkpoint(model, path)
         checkpoint_hash = hash_file(path)
         info["checkpoint"] = str(path)
     else:
         meta = read_json(run.train_meta)
-        want = training_hash(config)
+        want = member_training_hash(config, session.member)
         valid = (
             not retrain
             and meta is not None
@@ -99,7 +142,11 @@ def ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
             info = dict(meta)  # type: ignore[arg-type]
         else:
             run.ensure()
-            stats = train_model(model, data.train, config.train, seed=config.seed, device=device, reporter=reporter)
+            if session.member:
+                reporter.info(f"ensemble: training member {session.member + 1} of {config.influence.ensemble_size()}")
+            stats = train_model(
+                model, data.train, config.train, seed=session.model_seed, device=device, reporter=reporter
+            )
             model.cpu()
             save_checkpoint(model, run.checkpoint)
             checkpoint_hash = hash_file(run.checkpoint)
@@ -192,8 +239,10 @@ def ensure_factors(
             modules=config.influence.modules,
             device=device,
             dtype=influence_dtype(config),
-            seed=config.seed,
+            seed=session.model_seed,
             on_batch=on_batch,
+            damping_factor=config.influence.damping_factor,
+            damping_scope=config.influence.damping_scope,
         )
     seconds = time.perf_counter() - start
     run.ensure()
@@ -212,34 +261,131 @@ class SelfInfluenceResult:
     seconds: float
     model_state: ModelState
     factors_state: FactorsState
+    members: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Member:
+    """One model of the ensemble (a plain run has exactly one)."""
+
+    session: Session
+    state: ModelState
+
+
+def ensure_members(session: Session) -> list[Member]:
+    """Every ensemble member's ready model (trained, reused or loaded)."""
+    return [Member(s, ensure_model(s)) for s in ensemble_sessions(session)]
+
+
+def members_self_influence(members: list[Member], strategy: str) -> tuple[np.ndarray, list[FactorsState]]:
+    """Self-influence averaged over the ensemble members, float64, in training order."""
+    from influence_cli.influence.scores import self_influence
+
+    total: Optional[np.ndarray] = None
+    fstates = []
+    for member in members:
+        session = member.session
+        fstate = ensure_factors(session, member.state, strategy, refit_stale=True)
+        data = session.data()
+        loader = BatchLoader(data.train, session.config.influence.batch_size)
+        with session.reporter.stages(len(data.train)) as on_batch:
+            scores = self_influence(
+                member.state.model, fstate.factors, loader, device=influence_device(session.config), on_batch=on_batch
+            )
+        member.state.model.cpu()
+        values = scores.detach().cpu().double().numpy()
+        total = values if total is None else total + values
+        fstates.append(fstate)
+    assert total is not None
+    return total / len(members), fstates
+
+
+def members_probs(members: list[Member], dataset: Any) -> np.ndarray:
+    """Predicted class probabilities averaged over the members (float64)."""
+    total = None
+    for member in members:
+        probs = predict_probs(member.state.model, dataset).double().numpy()
+        total = probs if total is None else total + probs
+    return total / len(members)
+
+
+def members_pairwise(
+    members: list[Member],
+    strategy: str,
+    test_inputs: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    measurement: str = "loss",
+    top: Optional[int] = None,
+) -> Any:
+    """score(t, i) averaged over the ensemble: the (T, N) matrix, or TopInfluences when
+    ``top`` is given. One member streams with a running top-k; an ensemble needs each
+    member's full matrix (T × N floats) to average before ranking."""
+    from influence_cli.influence.scores import TopInfluences, pairwise_scores
+
+    total = None
+    for member in members:
+        session = member.session
+        fstate = ensure_factors(session, member.state, strategy, refit_stale=True)
+        data = session.data()
+        loader = BatchLoader(data.train, session.config.influence.batch_size)
+        with session.reporter.stages(len(data.train)) as on_batch:
+            result = pairwise_scores(
+                member.state.model, fstate.factors, loader, test_inputs, test_labels,
+                measurement=measurement, top=top if len(members) == 1 else None,
+                device=influence_device(session.config), on_batch=on_batch,
+            )
+        member.state.model.cpu()
+        if len(members) == 1:
+            return result
+        matrix = result.detach().cpu().double()
+        total = matrix if total is None else total + matrix
+    mean = total / len(members)
+    if top is None:
+        return mean
+    k = min(int(top), mean.shape[1])
+    best = torch.topk(mean, k, dim=1, largest=True, sorted=True)
+    worst = torch.topk(mean, k, dim=1, largest=False, sorted=True)
+    return TopInfluences(best.values, best.indices, worst.values, worst.indices)
+
+
+class _TensorRows:
+    """The minimal dataset view predict_probs needs for query rows."""
+
+    def __init__(self, inputs: torch.Tensor):
+        self.inputs = inputs
+        self.labels = torch.zeros(len(inputs), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.inputs[i], self.labels[i], i
 
 
 def run_self_influence(session: Session, strategy: Optional[str] = None) -> SelfInfluenceResult:
-    """Self-influence of every training example, ranked and flagged; writes the CSVs."""
+    """Self-influence of every training example, ranked and flagged; writes the CSVs.
+
+    With an ensemble the scores and the predicted probabilities are averaged over members.
+    """
     from influence_cli.audit.ranking import build_ranking, class_summary
     from influence_cli.audit.report import write_csv, write_json
-    from influence_cli.influence.scores import self_influence
 
-    config, run, reporter = session.config, session.run, session.reporter
+    config, run = session.config, session.run
     strategy = strategy or config.influence.strategy
     start = time.perf_counter()
-    state = ensure_model(session)
-    fstate = ensure_factors(session, state, strategy, refit_stale=True)
-    data = session.data()
-    device = influence_device(config)
-    loader = BatchLoader(data.train, config.influence.batch_size)
-    with reporter.stages(len(data.train)) as on_batch:
-        scores = self_influence(state.model, fstate.factors, loader, device=device, on_batch=on_batch)
-    state.model.cpu()
-    scores_np = scores.detach().cpu().double().numpy()
+    members = ensure_members(session)
+    scores_np, fstates = members_self_influence(members, strategy)
     if not np.all(np.isfinite(scores_np)):
         raise InflError("self-influence produced non-finite values: set influence.damping to a larger number")
-    probs = predict_probs(state.model, data.train).double().numpy()
+    data = session.data()
+    probs = members_probs(members, data.train)
     table = build_ranking(
         scores_np, data.train.labels.numpy(), probs, list(data.train.ids), list(data.class_names), config.audit.flag
     )
     summary = class_summary(table, list(data.class_names))
     seconds = time.perf_counter() - start
+    state = members[0].state
     summary["run"] = {
         "name": config.name,
         "strategy": strategy,
@@ -250,11 +396,19 @@ def run_self_influence(session: Session, strategy: Optional[str] = None) -> Self
         "test_accuracy": state.test_accuracy,
         "flag_rule": config.audit.flag.model_dump(mode="json"),
     }
+    if len(members) > 1:
+        test_probs = members_probs(members, data.test)
+        summary["run"]["ensemble"] = {
+            "members": len(members),
+            "train_accuracy": float((probs.argmax(1) == data.train.labels.numpy()).mean()),
+            "test_accuracy": float((test_probs.argmax(1) == data.test.labels.numpy()).mean()),
+            "member_test_accuracy": [m.state.test_accuracy for m in members],
+        }
     run.ensure()
     write_csv(table, run.self_influence_csv)
     write_csv(table[table["flagged"]], run.mislabels_csv)
     write_json(summary, run.summary_json)
-    return SelfInfluenceResult(table, summary, seconds, state, fstate)
+    return SelfInfluenceResult(table, summary, seconds, state, fstates[0], members)
 
 
 # ----------------------------------------------------------------------------- scores
@@ -326,37 +480,23 @@ def run_score(
 
     from influence_cli.audit.report import write_csv
     from influence_cli.data.queries import read_query_rows
-    from influence_cli.influence.scores import pairwise_scores
     from influence_cli.run import atomic_path
 
-    config, run, reporter = session.config, session.run, session.reporter
+    config, run = session.config, session.run
     strategy = strategy or config.influence.strategy
     start = time.perf_counter()
     csv_path = Path(csv_path)
     data = session.data()
     queries = read_query_rows(csv_path, config, data)
-    state = ensure_model(session)
-    fstate = ensure_factors(session, state, strategy, refit_stale=True)
-    with torch.no_grad():
-        logits = state.model(queries.inputs)
-    predicted = logits.argmax(1).numpy()
+    members = ensure_members(session)
+    state = members[0].state
+    predicted = members_probs(members, _TensorRows(queries.inputs)).argmax(1)
     measured = np.where(queries.labels.numpy() >= 0, queries.labels.numpy(), predicted)
-    device = influence_device(config)
-    loader = BatchLoader(data.train, config.influence.batch_size)
     k = min(top, len(data.train))
-    with reporter.stages(len(data.train)) as on_batch:
-        result = pairwise_scores(
-            state.model,
-            fstate.factors,
-            loader,
-            queries.inputs,
-            torch.as_tensor(measured),
-            measurement=measurement,
-            top=None if matrix_path else k,
-            device=device,
-            on_batch=on_batch,
-        )
-    state.model.cpu()
+    result = members_pairwise(
+        members, strategy, queries.inputs, torch.as_tensor(measured), measurement=measurement,
+        top=None if matrix_path else k,
+    )
     if matrix_path:
         matrix = result.detach().cpu().float()
         order = torch.argsort(matrix, dim=1, descending=True, stable=True)

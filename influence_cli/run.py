@@ -46,7 +46,9 @@ def influence_hash(config: Config, strategy: str) -> str:
     """Hash of the config parts that determine fitted factors (besides the checkpoint)."""
     dumped = config.model_dump(mode="json")
     inf = dumped["influence"]
-    relevant = {k: inf[k] for k in ("damping", "fisher", "modules", "dtype")}
+    relevant = {k: inf[k] for k in ("damping", "damping_factor", "damping_scope", "fisher", "modules", "dtype")}
+    if strategy in ("exact", "lissa"):  # solver settings shape their stored state
+        relevant[strategy] = inf[strategy]
     return hash_object({"seed": dumped["seed"], "data": dumped["data"], "influence": relevant, "strategy": strategy})
 
 
@@ -108,9 +110,12 @@ def replace_directory(tmp_dir: Path, final_dir: Path) -> None:
 class RunDir:
     """Paths of one run: ``<output.dir>/<name>/``."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, member: int = 0):
+        """member k >= 1 of an ensemble lives in ``<run>/ensemble/member-<k>/``."""
         self.config = config
-        self.root = Path(config.output.dir) / config.name
+        self.member = member
+        base = Path(config.output.dir) / config.name
+        self.root = base if member == 0 else base / "ensemble" / f"member-{member}"
 
     def ensure(self) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -132,8 +132,7 @@ def evaluate_noise_detection(
     recorded as ``{"skipped": reason}`` and the others go on.
     Returns the JSON-serialisable result that is also written to evaluation.json.
     """
-    from influence_cli.influence import self_influence
-    from influence_cli.pipeline import Session, ensure_model, influence_device
+    from influence_cli.pipeline import Session, ensure_members, members_probs, members_self_influence
 
     if not 0.0 < float(fraction) < 1.0:
         raise InflError(f"evaluate --noise: {fraction} is not a fraction in (0, 1); use e.g. --noise 0.1")
@@ -159,19 +158,20 @@ def evaluate_noise_detection(
     if k == n:
         raise InflError(f"evaluate --noise {fraction}: every label was flipped; use a smaller fraction")
 
-    state = ensure_model(session)
-    model = state.model
-    device = influence_device(noisy)
-    loader = BatchLoader(data.train, noisy.influence.batch_size)
+    members = ensure_members(session)
+    state = members[0].state
 
     columns: dict[str, np.ndarray] = {}
     rankings: dict[str, dict[str, Any]] = {}
     for name in names:
         try:
-            tf = timed_factors(session, state, name)
+            fit_seconds, factors_reused = 0.0, True
+            for member in members:  # fit (or reuse) first, so the scoring time is scoring only
+                tf = timed_factors(member.session, member.state, name)
+                fit_seconds += tf.fit_seconds
+                factors_reused = factors_reused and tf.reused
             start = time.perf_counter()
-            with reporter.stages(n) as on_batch:
-                scores = self_influence(model, tf.factors, loader, device=device, on_batch=on_batch)
+            values, _ = members_self_influence(members, name)
             score_seconds = time.perf_counter() - start
         except InflError as exc:  # InfluenceError, FactorsError, ... are InflErrors
             rankings[name] = {"type": "strategy", "skipped": str(exc)}
@@ -184,8 +184,8 @@ def evaluate_noise_detection(
             reporter.warn(f"{name}: skipped: out of memory")
             continue
         finally:
-            model.cpu()
-        values = scores.detach().cpu().double().numpy()
+            for member in members:
+                member.state.model.cpu()
         if not np.all(np.isfinite(values)):
             rankings[name] = {"type": "strategy", "skipped": "non-finite self-influence (raise influence.damping)"}
             continue
@@ -193,15 +193,15 @@ def evaluate_noise_detection(
         rankings[name] = {
             "type": "strategy",
             **detection_metrics(values, flipped),
-            "seconds": tf.fit_seconds + score_seconds,
-            "fit_seconds": tf.fit_seconds,
+            "seconds": fit_seconds + score_seconds,
+            "fit_seconds": fit_seconds,
             "score_seconds": score_seconds,
-            "factors_reused": tf.reused,
+            "factors_reused": factors_reused,
         }
 
-    # Baseline 1: the training loss against the (noisy) given labels.
+    # Baseline 1: the training loss against the (noisy) given labels (ensemble: the mean).
     start = time.perf_counter()
-    losses = per_example_loss(model, data.train)
+    losses = sum(per_example_loss(m.state.model, data.train) for m in members) / len(members)
     loss_seconds = time.perf_counter() - start
     columns["loss"] = losses
     rankings["loss"] = {"type": "baseline", **detection_metrics(losses, flipped), "seconds": loss_seconds}
@@ -217,9 +217,8 @@ def evaluate_noise_detection(
         columns["gradient_norm"] = columns["identity"]
     else:
         try:
-            tf = timed_factors(session, state, "identity")
             start = time.perf_counter()
-            norms = self_influence(model, tf.factors, loader, device=device).double().numpy()
+            norms, _ = members_self_influence(members, "identity")
             seconds = time.perf_counter() - start
             columns["gradient_norm"] = norms
             rankings["gradient_norm"] = {
@@ -231,9 +230,10 @@ def evaluate_noise_detection(
         except InflError as exc:
             rankings["gradient_norm"] = {"type": "baseline", "skipped": str(exc)}
         finally:
-            model.cpu()
+            for member in members:
+                member.state.model.cpu()
 
-    predicted = _predictions(model, data.train)
+    predicted = members_probs(members, data.train).argmax(1)
     given = data.train.labels.numpy()
     original = data.noise.original_labels.numpy()
     run = session.run
@@ -250,13 +250,14 @@ def evaluate_noise_detection(
         "examples": n,
         "flipped": k,
         "k": k,
+        "ensemble": len(members),
         "model": {
             "trained_now": state.trained_now,
             "train_seconds": state.info.get("train_seconds"),
-            "train_accuracy_noisy_labels": state.train_accuracy,
+            "train_accuracy_noisy_labels": float((predicted == given).mean()),
             "train_accuracy_original_labels": float((predicted == original).mean()),
             "flipped_memorised": float((predicted[flipped] == given[flipped]).mean()),
-            "test_accuracy": state.test_accuracy,
+            "test_accuracy": float((members_probs(members, data.test).argmax(1) == data.test.labels.numpy()).mean()),
         },
         "chance": {
             "auroc": 0.5,
@@ -274,12 +275,6 @@ def evaluate_noise_detection(
     result = json_safe(_rounded(result))
     atomic_write_json(run.root / "evaluation.json", result)
     return result
-
-
-@torch.no_grad()
-def _predictions(model: torch.nn.Module, dataset: Any) -> np.ndarray:
-    model.eval()
-    return torch.cat([model(x).argmax(1) for x, _y, _i in BatchLoader(dataset, 512)]).numpy()
 
 
 def _rounded(result: dict[str, Any]) -> dict[str, Any]:

@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from influence_cli import __version__
 from influence_cli.config import Config
 from influence_cli.errors import InflError
-from influence_cli.loaders import BatchLoader
 from influence_cli.models import build_model
 from influence_cli.progress import Reporter
 from influence_cli.run import atomic_write_json, hash_object, read_json, training_hash
@@ -141,8 +140,7 @@ def evaluate_lds(
     which need ``--overwrite`` like everywhere else) is recorded as ``{"skipped": reason}``.
     """
     from influence_cli.errors import FactorsError
-    from influence_cli.influence import pairwise_scores
-    from influence_cli.pipeline import Session, ensure_model, influence_device
+    from influence_cli.pipeline import Session, ensure_members, members_pairwise
 
     prediction_sign(measurement)  # validates
     if subsets < 2:
@@ -159,7 +157,8 @@ def evaluate_lds(
 
     session = Session(config, reporter)
     data = session.data()
-    state = ensure_model(session)
+    members = ensure_members(session)
+    state = members[0].state
     n = len(data.train)
     size = int(round(float(fraction) * n))
     if not 1 <= size < n:
@@ -233,19 +232,16 @@ def evaluate_lds(
     mean_measured = measured.mean(axis=1).T  # (T, R)
 
     # ---------------------------------------------------------------- scoring
-    model = state.model
-    inf_device = influence_device(config)
-    loader = BatchLoader(data.train, config.influence.batch_size)
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         try:
-            tf = timed_factors(session, state, name)
+            fit_seconds, factors_reused = 0.0, True
+            for member in members:
+                tf = timed_factors(member.session, member.state, name)
+                fit_seconds += tf.fit_seconds
+                factors_reused = factors_reused and tf.reused
             start = time.perf_counter()
-            with reporter.stages(n) as on_batch:
-                matrix = pairwise_scores(
-                    model, tf.factors, loader, test_x, test_y,
-                    measurement=measurement, top=None, device=inf_device, on_batch=on_batch,
-                )
+            matrix = members_pairwise(members, name, test_x, test_y, measurement=measurement, top=None)
             score_seconds = time.perf_counter() - start
         except FactorsError:
             raise
@@ -259,15 +255,16 @@ def evaluate_lds(
             results[name] = {"skipped": f"out of memory: {exc}".strip()}
             continue
         finally:
-            model.cpu()
+            for member in members:
+                member.state.model.cpu()
         scores = matrix.detach().cpu().double().numpy()
         per_row = lds_per_row(mean_measured, scores, membership, measurement)
         results[name] = {
             **_summary(per_row),
-            "seconds": tf.fit_seconds + score_seconds,
-            "fit_seconds": tf.fit_seconds,
+            "seconds": fit_seconds + score_seconds,
+            "fit_seconds": fit_seconds,
             "score_seconds": score_seconds,
-            "factors_reused": tf.reused,
+            "factors_reused": factors_reused,
         }
 
     spread = mean_measured.std(axis=1)
@@ -280,6 +277,7 @@ def evaluate_lds(
         "fraction": float(fraction),
         "subset_size": size,
         "seeds": int(seeds),
+        "ensemble": len(members),
         "examples": n,
         "test_rows": t_count,
         "test_row_selection": "first rows of the test split",

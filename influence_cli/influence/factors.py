@@ -68,6 +68,7 @@ FORMAT_VERSION = 1
 AUTO_DAMPING_SCALE = 0.1
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
 ProgressCallback = Callable[[str, int], None]
+BatchData = tuple[int, dict[str, LayerBatch]]  # (batch size, captured (a, g) per layer)
 
 
 @dataclass
@@ -728,11 +729,11 @@ register_strategy(
 )
 
 
-def _damping_value(rule: str | float, lam: Tensor) -> float:
+def _damping_value(rule: str | float, lam: Tensor, factor: float = AUTO_DAMPING_SCALE) -> float:
     if isinstance(rule, str):
         if rule != "auto":
             raise InfluenceError(f"damping must be 'auto' or a positive number, not {rule!r}")
-        value = AUTO_DAMPING_SCALE * float(lam.to(torch.float64).mean())
+        value = float(factor) * float(lam.to(torch.float64).mean())
         # A layer whose curvature is exactly zero gets λ = 1 (plain gradients) instead of 0.
         return value if value > 0.0 else 1.0
     value = float(rule)
@@ -755,6 +756,8 @@ def fit_factors(
     on_batch: ProgressCallback | None = None,
     reference: bool = False,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    damping_factor: float = AUTO_DAMPING_SCALE,
+    damping_scope: str = "layer",
 ) -> Factors:
     """Fit per-layer curvature factors of ``model`` on ``loader``.
 
@@ -763,7 +766,10 @@ def fit_factors(
         deterministic given ``seed`` and loader order); "empirical" uses the labels.
     modules: fnmatch patterns of module names (or a ready {name: module} dict); None
         tracks every Linear/Conv2d.
-    damping: "auto" = 0.1 × mean(Λ) per layer, or one positive number for every layer.
+    damping: "auto" = damping_factor (0.1) × the mean eigenvalue, or one positive number
+        for every layer. damping_scope "layer": the mean of each layer's own Λ (each layer
+        its own λ); "global": the mean over every tracked weight of every layer (one λ for
+        all, as in H + λI over the whole parameter space).
     device: None = the model's device, "auto" = cuda if available; the model is moved there.
     dtype: storage dtype of the fitted tensors (accumulation is float32/64, eigh float64).
     on_batch(stage, n): progress callback after each batch ("covariance", "eigenvalues").
@@ -779,7 +785,9 @@ def fit_factors(
         raise InfluenceError(f"fisher must be 'true' or 'empirical', not {fisher!r}")
     spec = STRATEGIES[strategy]
     if spec.fixed_damping is None:
-        _damping_value(damping, torch.ones(1))  # validate early, before any data pass
+        _damping_value(damping, torch.ones(1), damping_factor)  # validate early, before any data pass
+        if not (math.isfinite(float(damping_factor)) and float(damping_factor) > 0):
+            raise InfluenceError(f"damping_factor must be a positive number, not {damping_factor!r}")
     dev = resolve_device(model, device)
     if any(p.device != dev for p in model.parameters()):
         model.to(dev)
@@ -787,12 +795,18 @@ def fit_factors(
     if not tracked:
         raise InfluenceError("nothing to track: the module selection is empty")
     ctx = FitContext(model, loader, tracked, dev, fisher, seed, on_batch, reference, cache_bytes)
+    if damping_scope not in ("layer", "global"):
+        raise InfluenceError(f"damping_scope must be 'layer' or 'global', not {damping_scope!r}")
     layers, total = spec.fit(ctx)
+    pooled = None
+    if damping_scope == "global" and layers:
+        pooled = torch.cat([layer.eigenvalues.reshape(-1).to(torch.float64) for layer in layers.values()])
     for layer in layers.values():
         if spec.fixed_damping is not None:
             layer.damping = spec.fixed_damping
         else:
-            layer.damping = _damping_value(damping, layer.eigenvalues)
+            source = layer.eigenvalues if pooled is None else pooled
+            layer.damping = _damping_value(damping, source, damping_factor)
         layer.eigenvalues = layer.eigenvalues.to(dtype)
         if layer.q_s is not None:
             layer.q_s = layer.q_s.to(dtype)
