@@ -18,6 +18,7 @@ from torch import nn
 
 from influence_cli import __version__
 from influence_cli.config import Config
+from influence_cli.distributed import DistContext, current, shard_range
 from influence_cli.errors import FactorsError, InflError
 from influence_cli.loaders import BatchLoader
 from influence_cli.models import build_model, load_checkpoint, save_checkpoint
@@ -54,6 +55,7 @@ class Session:
     reporter: Reporter
     run: RunDir = field(init=False)
     datasets: Any = None
+    dist: DistContext = field(default_factory=current)
 
     def __post_init__(self) -> None:
         self.run = RunDir(self.config)
@@ -70,7 +72,22 @@ class Session:
 
 
 def ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
-    """Load the user's checkpoint, reuse a valid trained one, or train and save a new one."""
+    """Load the user's checkpoint, reuse a valid trained one, or train and save a new one.
+
+    Under torchrun rank 0 trains (or verifies) first while the others wait, then they
+    load the checkpoint it wrote: one training, one file.
+    """
+    dist = session.dist
+    if dist.active and not dist.is_main:
+        dist.barrier()
+        return _ensure_model(session, retrain=False)
+    state = _ensure_model(session, retrain=retrain)
+    if dist.active:
+        dist.barrier()
+    return state
+
+
+def _ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
     config, run, reporter = session.config, session.run, session.reporter
     data = session.data()
     num_classes = len(data.class_names)
@@ -115,6 +132,57 @@ def ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
         atomic_write_json(run.train_meta, info)
         atomic_write_text(run.resolved_config, config.to_yaml())
     return ModelState(model, checkpoint_hash, trained_now, train_acc, test_acc, info)
+
+
+# ----------------------------------------------------------------------------- data shards
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA (or other device) out-of-memory, as raised by torch."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def with_batch_backoff(session: Session, stage: str, fn: Any) -> Any:
+    """Call ``fn(batch_size)``; on out-of-memory halve the batch size and retry (down to 1).
+
+    Results do not depend on the batch size (Fisher labels are drawn per example), so a
+    retry gives the same numbers. Under torchrun each rank backs off on its own; an OOM
+    on one rank only is not coordinated (set a smaller influence.batch_size instead).
+    """
+    batch_size = int(session.config.influence.batch_size)
+    while True:
+        try:
+            return fn(batch_size)
+        except Exception as exc:  # noqa: BLE001 - only OOM is retried
+            if not is_out_of_memory(exc) or batch_size <= 1:
+                raise
+            batch_size = max(1, batch_size // 2)
+            session.reporter.warn(f"{stage}: out of memory; retrying with batch size {batch_size}")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def shard_bounds(session: Session, shard: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+    """[start, stop) of the training examples this process handles: a --shard i/n job's
+    block, else this torchrun rank's block, else everything."""
+    n = len(session.data().train)
+    index, count = shard if shard is not None else (session.dist.rank, session.dist.world_size)
+    if count <= 1:
+        return 0, n
+    if n < count:
+        raise InflError(f"{n} training examples cannot be split into {count} shards; use fewer processes or shards")
+    return shard_range(n, index, count)
+
+
+def train_loader(session: Session, batch_size: int, bounds: tuple[int, int]) -> BatchLoader:
+    """Batches of the training examples in ``bounds``; batches carry global indices."""
+    data = session.data()
+    start, stop = bounds
+    indices = None if (start, stop) == (0, len(data.train)) else torch.arange(start, stop)
+    return BatchLoader(data.train, batch_size, indices=indices, num_workers=session.config.influence.num_workers)
 
 
 # ----------------------------------------------------------------------------- factors
@@ -179,27 +247,80 @@ def ensure_factors(
         reporter.info(f"factors in {directory}: {problem}; refitting")
     data = session.data()
     device = influence_device(config)
-    loader = BatchLoader(data.train, config.influence.batch_size)
     damping: Any = config.influence.damping
+    dist = session.dist
+    bounds = shard_bounds(session)
     start = time.perf_counter()
-    with reporter.stages(len(data.train)) as on_batch:
-        factors = fit_factors(
-            state.model,
-            loader,
-            strategy,
-            damping=damping,
-            fisher=config.influence.fisher,
-            modules=config.influence.modules,
-            device=device,
-            dtype=influence_dtype(config),
-            seed=config.seed,
-            on_batch=on_batch,
-        )
+
+    def fit(batch_size: int) -> Any:
+        with reporter.stages(bounds[1] - bounds[0]) as on_batch:
+            return fit_factors(
+                state.model,
+                train_loader(session, batch_size, bounds),
+                strategy,
+                damping=damping,
+                fisher=config.influence.fisher,
+                modules=config.influence.modules,
+                device=device,
+                dtype=influence_dtype(config),
+                seed=config.seed,
+                on_batch=on_batch,
+                dist=dist if dist.active else None,
+                amp=config.influence.amp,
+            )
+
+    factors = with_batch_backoff(session, "fit-factors", fit)
     seconds = time.perf_counter() - start
-    run.ensure()
-    factors.save(directory, extra_meta={**want, "config_name": config.name, "fit_seconds": seconds})
+    if dist.is_main:
+        run.ensure()
+        factors.save(directory, extra_meta={**want, "config_name": config.name, "fit_seconds": seconds})
+    else:
+        factors.meta = {**factors._meta_dict(), **want}
+    if dist.active:
+        dist.barrier()
     state.model.cpu()
     return FactorsState(factors, False, seconds, directory)
+
+
+def existing_factors(session: Session, state: ModelState, strategy: str, command: str) -> Any:
+    """Stored factors that are valid for this checkpoint and config, or a one-line error
+    (shard jobs and merge never fit factors themselves: n jobs would fit them n times)."""
+    from influence_cli.influence.factors import Factors
+
+    directory = session.run.factors_dir(strategy)
+    want = {"checkpoint_hash": state.checkpoint_hash, "influence_hash": influence_hash(session.config, strategy)}
+    problem = stale_reason(directory, want) if directory.exists() else "no fitted factors"
+    if problem is not None:
+        raise FactorsError(
+            f"{directory}: {problem}; {command} --shard needs them: run `infl fit-factors` "
+            "(or its --shard jobs and `infl merge`) first"
+        )
+    return Factors.load(directory)
+
+
+def self_influence_scores(
+    session: Session, model: nn.Module, factors: Any, *, shard: Optional[tuple[int, int]] = None
+) -> torch.Tensor:
+    """Self-influence of the training set: this rank's (or --shard job's) block, gathered
+    over ranks in global index order. With ``shard`` only that block is returned."""
+    from influence_cli.influence.scores import self_influence
+
+    config = session.config
+    bounds = shard_bounds(session, shard)
+    device = influence_device(config)
+
+    def score(batch_size: int) -> torch.Tensor:
+        with session.reporter.stages(bounds[1] - bounds[0]) as on_batch:
+            return self_influence(
+                model, factors, train_loader(session, batch_size, bounds), device=device,
+                on_batch=on_batch, amp=config.influence.amp,
+            )
+
+    scores = with_batch_backoff(session, "self-influence", score).detach().cpu()
+    model.cpu()
+    if shard is None and session.dist.active:
+        scores = session.dist.gather_cat(scores)
+    return scores
 
 
 # ----------------------------------------------------------------------------- self-influence
@@ -216,21 +337,24 @@ class SelfInfluenceResult:
 
 def run_self_influence(session: Session, strategy: Optional[str] = None) -> SelfInfluenceResult:
     """Self-influence of every training example, ranked and flagged; writes the CSVs."""
-    from influence_cli.audit.ranking import build_ranking, class_summary
-    from influence_cli.audit.report import write_csv, write_json
-    from influence_cli.influence.scores import self_influence
-
-    config, run, reporter = session.config, session.run, session.reporter
+    config = session.config
     strategy = strategy or config.influence.strategy
     start = time.perf_counter()
     state = ensure_model(session)
     fstate = ensure_factors(session, state, strategy, refit_stale=True)
+    scores = self_influence_scores(session, state.model, fstate.factors)
+    return finish_self_influence(session, scores, state, fstate, strategy, start)
+
+
+def finish_self_influence(
+    session: Session, scores: torch.Tensor, state: ModelState, fstate: Any, strategy: str, start: float
+) -> SelfInfluenceResult:
+    """Rank, flag and write the CSVs (rank 0 only) from the self-influence of every example."""
+    from influence_cli.audit.ranking import build_ranking, class_summary
+    from influence_cli.audit.report import write_csv, write_json
+
+    config, run = session.config, session.run
     data = session.data()
-    device = influence_device(config)
-    loader = BatchLoader(data.train, config.influence.batch_size)
-    with reporter.stages(len(data.train)) as on_batch:
-        scores = self_influence(state.model, fstate.factors, loader, device=device, on_batch=on_batch)
-    state.model.cpu()
     scores_np = scores.detach().cpu().double().numpy()
     if not np.all(np.isfinite(scores_np)):
         raise InflError("self-influence produced non-finite values: set influence.damping to a larger number")
@@ -250,10 +374,11 @@ def run_self_influence(session: Session, strategy: Optional[str] = None) -> Self
         "test_accuracy": state.test_accuracy,
         "flag_rule": config.audit.flag.model_dump(mode="json"),
     }
-    run.ensure()
-    write_csv(table, run.self_influence_csv)
-    write_csv(table[table["flagged"]], run.mislabels_csv)
-    write_json(summary, run.summary_json)
+    if session.dist.is_main:
+        run.ensure()
+        write_csv(table, run.self_influence_csv)
+        write_csv(table[table["flagged"]], run.mislabels_csv)
+        write_json(summary, run.summary_json)
     return SelfInfluenceResult(table, summary, seconds, state, fstate)
 
 
@@ -341,22 +466,15 @@ def run_score(
         logits = state.model(queries.inputs)
     predicted = logits.argmax(1).numpy()
     measured = np.where(queries.labels.numpy() >= 0, queries.labels.numpy(), predicted)
-    device = influence_device(config)
-    loader = BatchLoader(data.train, config.influence.batch_size)
     k = min(top, len(data.train))
-    with reporter.stages(len(data.train)) as on_batch:
-        result = pairwise_scores(
-            state.model,
-            fstate.factors,
-            loader,
-            queries.inputs,
-            torch.as_tensor(measured),
-            measurement=measurement,
-            top=None if matrix_path else k,
-            device=device,
-            on_batch=on_batch,
-        )
-    state.model.cpu()
+    result = pairwise_block(
+        session, state.model, fstate.factors, queries.inputs, torch.as_tensor(measured),
+        measurement=measurement, top=None if matrix_path else k,
+    )
+    if session.dist.active:
+        result = gather_scores(session.dist, result, None if matrix_path else k)
+    if not session.dist.is_main:
+        return ScoreResult(None, queries, predicted, measured, time.perf_counter() - start, state, strategy, matrix_path)
     if matrix_path:
         matrix = result.detach().cpu().float()
         order = torch.argsort(matrix, dim=1, descending=True, stable=True)
@@ -391,6 +509,62 @@ def run_score(
     return ScoreResult(
         table, queries, predicted, measured, time.perf_counter() - start, state, strategy, matrix_path
     )
+
+
+def pairwise_block(
+    session: Session, model: nn.Module, factors: Any, test_inputs: torch.Tensor, test_labels: torch.Tensor, *,
+    measurement: str, top: Optional[int], shard: Optional[tuple[int, int]] = None,
+) -> Any:
+    """Scores of the test rows against this process's block of the training set, with
+    global training indices (the full matrix's columns or TopInfluences indices)."""
+    from influence_cli.influence.scores import pairwise_scores
+
+    config = session.config
+    bounds = shard_bounds(session, shard)
+    device = influence_device(config)
+
+    def score(batch_size: int) -> Any:
+        with session.reporter.stages(bounds[1] - bounds[0]) as on_batch:
+            return pairwise_scores(
+                model, factors, train_loader(session, batch_size, bounds), test_inputs, test_labels,
+                measurement=measurement, top=top, device=device, on_batch=on_batch, amp=config.influence.amp,
+            )
+
+    result = with_batch_backoff(session, "score", score)
+    model.cpu()
+    if top is not None and bounds[0]:
+        from influence_cli.influence.scores import TopInfluences
+
+        result = TopInfluences(
+            result.proponent_scores, result.proponent_indices + bounds[0],
+            result.opponent_scores, result.opponent_indices + bounds[0],
+        )
+    return result
+
+
+def merge_top(parts: list[Any], k: int) -> Any:
+    """One TopInfluences from the per-block ones (global indices), keeping k each way;
+    ties keep the lower training index first."""
+    from influence_cli.influence.scores import TopInfluences
+
+    fields = []
+    for values_name, index_name, largest in (
+        ("proponent_scores", "proponent_indices", True), ("opponent_scores", "opponent_indices", False),
+    ):
+        values = torch.cat([getattr(p, values_name) for p in parts], dim=1)
+        index = torch.cat([getattr(p, index_name) for p in parts], dim=1)
+        order = torch.argsort(index, dim=1, stable=True)  # global index order, then a stable sort
+        values, index = torch.gather(values, 1, order), torch.gather(index, 1, order)
+        order = torch.argsort(values, dim=1, descending=largest, stable=True)[:, : min(k, values.shape[1])]
+        fields += [torch.gather(values, 1, order), torch.gather(index, 1, order)]
+    return TopInfluences(*fields)
+
+
+def gather_scores(dist: DistContext, result: Any, top: Optional[int]) -> Any:
+    """Every rank's block of scores, combined in global index order."""
+    if top is None:
+        return dist.gather_cat(result.detach().cpu(), dim=1)
+    return merge_top(dist.all_gather_object(result), top)
 
 
 # ----------------------------------------------------------------------------- check and report
@@ -435,7 +609,8 @@ def run_check(
     result = evaluate_check(
         si.table, max_flagged_fraction=max_flagged_fraction, max_flagged=max_flagged, baseline_ids=baseline_ids
     )
-    write_csv(result.offenders, session.run.root / "check.csv")
+    if session.dist.is_main:
+        write_csv(result.offenders, session.run.root / "check.csv")
     return CheckOutcome(result, si, source)
 
 
@@ -445,6 +620,9 @@ def run_report(session: Session, *, strategy: Optional[str] = None, top: int = 5
 
     si = run_self_influence(session, strategy)
     data = session.data()
+    path = session.run.report_html
+    if not session.dist.is_main:
+        return path, si
     meta = {
         "config": session.config.name,
         "data source": session.config.data.source,

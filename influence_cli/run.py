@@ -47,6 +47,8 @@ def influence_hash(config: Config, strategy: str) -> str:
     dumped = config.model_dump(mode="json")
     inf = dumped["influence"]
     relevant = {k: inf[k] for k in ("damping", "fisher", "modules", "dtype")}
+    if inf.get("amp"):  # only when set, so hashes of existing runs stay valid
+        relevant["amp"] = inf["amp"]
     return hash_object({"seed": dumped["seed"], "data": dumped["data"], "influence": relevant, "strategy": strategy})
 
 
@@ -149,6 +151,10 @@ class RunDir:
 
     def scores_csv(self, stem: str) -> Path:
         return self.root / "scores" / f"{stem}.csv"
+
+    def shard_dir(self, stage: str) -> Path:
+        """``--shard i/n`` partial results of one stage: runs/<name>/shards/<stage>/."""
+        return self.root / "shards" / stage
 
     def self_influence_cache(self, strategy: str) -> Path:
         return self.root / "cache" / f"self_influence-{strategy}.safetensors"
