@@ -133,7 +133,7 @@ def evaluate_noise_detection(
     Returns the JSON-serialisable result that is also written to evaluation.json.
     """
     from influence_cli.influence import self_influence
-    from influence_cli.pipeline import Session, ensure_model, influence_device
+    from influence_cli.pipeline import Session, ensure_model, influence_device, self_influence_scores
 
     if not 0.0 < float(fraction) < 1.0:
         raise InflError(f"evaluate --noise: {fraction} is not a fraction in (0, 1); use e.g. --noise 0.1")
@@ -170,8 +170,8 @@ def evaluate_noise_detection(
         try:
             tf = timed_factors(session, state, name)
             start = time.perf_counter()
-            with reporter.stages(n) as on_batch:
-                scores = self_influence(model, tf.factors, loader, device=device, on_batch=on_batch)
+            # This rank's block under torchrun, gathered in index order (all of it otherwise).
+            scores = self_influence_scores(session, model, tf.factors)
             score_seconds = time.perf_counter() - start
         except InflError as exc:  # InfluenceError, FactorsError, ... are InflErrors
             rankings[name] = {"type": "strategy", "skipped": str(exc)}
@@ -219,7 +219,7 @@ def evaluate_noise_detection(
         try:
             tf = timed_factors(session, state, "identity")
             start = time.perf_counter()
-            norms = self_influence(model, tf.factors, loader, device=device).double().numpy()
+            norms = self_influence_scores(session, model, tf.factors).double().numpy()
             seconds = time.perf_counter() - start
             columns["gradient_norm"] = norms
             rankings["gradient_norm"] = {
@@ -272,7 +272,8 @@ def evaluate_noise_detection(
         "version": __version__,
     }
     result = json_safe(_rounded(result))
-    atomic_write_json(run.root / "evaluation.json", result)
+    if session.dist.is_main:
+        atomic_write_json(run.root / "evaluation.json", result)
     return result
 
 

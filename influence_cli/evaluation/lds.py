@@ -142,7 +142,7 @@ def evaluate_lds(
     """
     from influence_cli.errors import FactorsError
     from influence_cli.influence import pairwise_scores
-    from influence_cli.pipeline import Session, ensure_model, influence_device
+    from influence_cli.pipeline import Session, ensure_model, gather_scores, influence_device, pairwise_block
 
     prediction_sign(measurement)  # validates
     if subsets < 2:
@@ -241,11 +241,10 @@ def evaluate_lds(
         try:
             tf = timed_factors(session, state, name)
             start = time.perf_counter()
-            with reporter.stages(n) as on_batch:
-                matrix = pairwise_scores(
-                    model, tf.factors, loader, test_x, test_y,
-                    measurement=measurement, top=None, device=inf_device, on_batch=on_batch,
-                )
+            # This rank's block of training columns under torchrun, gathered in index order.
+            matrix = pairwise_block(session, model, tf.factors, test_x, test_y, measurement=measurement, top=None)
+            if session.dist.active:
+                matrix = gather_scores(session.dist, matrix, None)
             score_seconds = time.perf_counter() - start
         except FactorsError:
             raise
@@ -305,8 +304,9 @@ def evaluate_lds(
     }
     result["seconds"] = clean_number(result["seconds"], 3)
     result = json_safe(result)
-    run.ensure()
-    atomic_write_json(run.root / "lds.json", result)
+    if session.dist.is_main:
+        run.ensure()
+        atomic_write_json(run.root / "lds.json", result)
     return result
 
 
