@@ -65,8 +65,10 @@ def formulas(layers, acts, n: int, b: int, t: int) -> dict[str, float]:
     chunk = max(
         [F32 * 3 * min(b, max(1, CHUNK // (2 * o * i))) * o * i for k, _p, i, o in layers if k == "conv"] or [0]
     )
-    factors = F32 * sum(i * i + o * o + 2 * o * i for _k, _p, i, o in layers)
-    test_side = F32 * t * sum(o * i for _k, _p, i, o in layers)
+    # Loaded factors (Q_S, Q_A, Λ) plus the operators' transposed copies and 1/(Λ+λ) twice.
+    factors = F32 * sum(3 * (i * i + o * o) + 3 * o * i for _k, _p, i, o in layers)
+    # Preconditioned test gradients T × Σ d_out·d_in, twice while the per-batch parts are concatenated.
+    test_side = 2 * F32 * t * sum(o * i for _k, _p, i, o in layers)
     return {
         "fit-factors": per_batch + 3 * kron + cache + chunk,
         "self-influence": per_batch + factors + chunk + F32 * n,
