@@ -81,13 +81,38 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+ShardOption = typer.Option(
+    None, "--shard", help="Job arrays: do only block i of n of the training set (e.g. --shard 0/4) and write a "
+    "partial result under runs/<name>/shards/; combine them with `infl merge`.",
+)
+
+
 def open_session(config: Optional[str], overrides: Optional[List[str]]) -> Any:
+    """Load the config; under torchrun join the process group (rank 0 alone prints)."""
     from influence_cli.config import load_config
+    from influence_cli.distributed import init_from_env
     from influence_cli.pipeline import Session
-    from influence_cli.progress import RichReporter
+    from influence_cli.progress import Reporter, RichReporter
 
     cfg = load_config(config, overrides or [])
-    return Session(cfg, RichReporter(err))
+    dist = init_from_env(cfg.influence.device)
+    if not dist.is_main:
+        err.quiet = True
+    return Session(cfg, RichReporter(err) if dist.is_main else Reporter(), dist=dist)
+
+
+def parse_shard_option(text: Optional[str]) -> Optional[tuple[int, int]]:
+    if text is None:
+        return None
+    from influence_cli.distributed import current, parse_shard
+
+    try:
+        shard = parse_shard(text)
+    except ValueError as exc:
+        raise InflError(str(exc)) from None
+    if current().active:
+        raise InflError("--shard is for job arrays without a process group; under torchrun drop --shard")
+    return shard
 
 
 def check_strategy(strategy: Optional[str]) -> Optional[str]:
@@ -136,13 +161,25 @@ def fit_factors_command(
         None, "--strategy", "-s", help="Curvature approximation: ekfac (default), kfac, diagonal or identity."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Refit even if factors exist (needed when they are stale)."),
+    shard: Optional[str] = ShardOption,
 ) -> None:
-    """Fit and store curvature factors (runs training first when needed)."""
+    """Fit and store curvature factors (runs training first when needed).
+
+    With --shard i/n: pass-1 sums of block i (ekfac: after `infl merge`, the same command
+    again runs pass 2 in the merged bases).
+    """
     from influence_cli.pipeline import ensure_factors, ensure_model
 
     session = open_session(config, set_)
     strategy = check_strategy(strategy) or session.config.influence.strategy
     check_strategy(strategy)
+    shard_ = parse_shard_option(shard)
+    if shard_ is not None:
+        from influence_cli.shards import fit_factors_shard
+
+        which, path = fit_factors_shard(session, *shard_, strategy=strategy)
+        err.print(f"fit-factors shard {shard}: {which} sums → {escape(str(path))}; when every shard is done run `infl merge`", highlight=False)
+        return
     state = ensure_model(session)
     err.print(model_line(state), highlight=False)
     fstate = ensure_factors(session, state, strategy, overwrite=overwrite)
@@ -168,6 +205,7 @@ def self_influence_command(
     strategy: Optional[str] = typer.Option(
         None, "--strategy", "-s", help="Curvature approximation: ekfac (default), kfac, diagonal or identity."
     ),
+    shard: Optional[str] = ShardOption,
 ) -> None:
     """Rank training examples by self-influence and flag likely mislabels.
 
@@ -179,7 +217,16 @@ def self_influence_command(
     from influence_cli.pipeline import run_self_influence
 
     session = open_session(config, set_)
+    shard_ = parse_shard_option(shard)
+    if shard_ is not None:
+        from influence_cli.shards import self_influence_shard
+
+        path = self_influence_shard(session, *shard_, strategy=check_strategy(strategy))
+        err.print(f"self-influence shard {shard} → {escape(str(path))}; when every shard is done run `infl merge`", highlight=False)
+        return
     result = run_self_influence(session, check_strategy(strategy))
+    if not session.dist.is_main:
+        return
     cfg = session.config
     err.print(model_line(result.model_state), highlight=False)
     title = f"{cfg.name}: most self-influential training examples ({result.summary['run']['strategy']})"
@@ -222,6 +269,7 @@ def score(
     matrix: Optional[Path] = typer.Option(
         None, "--matrix", help="Also write the full test × train score matrix (safetensors, with row and column ids)."
     ),
+    shard: Optional[str] = ShardOption,
 ) -> None:
     """Explain predictions: the training examples that pushed each test row towards its label (proponents) and away (opponents).
 
@@ -234,6 +282,17 @@ def score(
     if measurement not in ("loss", "margin"):
         raise InflError(f"--measurement: '{measurement}' is not one of loss, margin")
     session = open_session(config, set_)
+    shard_ = parse_shard_option(shard)
+    if shard_ is not None:
+        from influence_cli.shards import score_shard
+
+        if matrix is not None:
+            raise InflError("--matrix cannot be combined with --shard (shards keep the top N only)")
+        path = score_shard(
+            session, test_csv, *shard_, top=top, strategy=check_strategy(strategy), measurement=measurement, out=out
+        )
+        err.print(f"score shard {shard} → {escape(str(path))}; when every shard is done run `infl merge`", highlight=False)
+        return
     result = run_score(
         session,
         test_csv,
@@ -243,6 +302,8 @@ def score(
         matrix_path=matrix,
         out=out,
     )
+    if not session.dist.is_main:
+        return
     render_score_table(result.table, err, title=f"{session.config.name}: training examples behind each prediction")
     unlabeled = int((result.queries.labels < 0).sum())
     if unlabeled:
@@ -298,6 +359,10 @@ def check(
     )
     result = outcome.result
     name = session.config.name
+    if not session.dist.is_main:
+        if not result.passed:
+            raise typer.Exit(1)
+        return
     if write_baseline is not None:
         flagged = outcome.self_influence.table
         write_csv(flagged[flagged["flagged"]], write_baseline)
@@ -391,6 +456,35 @@ def evaluate(
         console=err,
     )
     err.print(f"evaluation finished in {time.perf_counter() - start:.1f} s", highlight=False)
+
+
+@app.command()
+@handle_errors
+def merge(
+    config: Optional[str] = ConfigOption,
+    set_: Optional[List[str]] = SetOption,
+    stage: Optional[List[str]] = typer.Option(
+        None, "--stage", help="Merge only this stage (factors-<strategy>, self-influence-<strategy>, score-<stem>); "
+        "default: every stage with shard files under runs/<name>/shards/.",
+    ),
+) -> None:
+    """Combine `--shard i/n` partial results into the normal outputs.
+
+    Refuses (exit 2, one line) when a shard is missing, was made for another config or
+    checkpoint, or the shards do not cover the training set exactly once.
+    """
+    from influence_cli.shards import merge_stage, shard_stages
+
+    session = open_session(config, set_)
+    stages = list(stage or shard_stages(session))
+    if not stages:
+        raise InflError(f"{session.run.root / 'shards'}: no shards to merge; run a command with --shard i/n first")
+    for name in stages:
+        done = merge_stage(session, name)
+        outputs = ", ".join(escape(str(o)) for o in done["outputs"])
+        err.print(f"merge {done['stage']}: {done['shards']} shards → {outputs}", highlight=False)
+        if done.get("next"):
+            err.print(done["next"], highlight=False)
 
 
 @config_app.command("list")

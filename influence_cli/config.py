@@ -174,6 +174,10 @@ class InfluenceConfig(_Strict):
     device: str = "auto"
     dtype: Literal["float32", "float64"] = "float32"
     batch_size: int = Field(256, ge=1)
+    amp: Optional[Literal["bfloat16", "float16"]] = Field(
+        None, description="autocast the model's forward/backward (GPU); factors and scores accumulate in float32"
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes for sources that are not in-memory tensors")
 
     @field_validator("damping", mode="before")
     @classmethod

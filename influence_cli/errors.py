@@ -39,3 +39,7 @@ class FactorsError(InflError):
 
 class InfluenceError(InflError):
     """A numerical problem in the influence engine (nothing tracked, non-finite curvature)."""
+
+
+class ShardError(InflError):
+    """A ``--shard`` partial result is missing, stale or inconsistent (``infl merge``)."""

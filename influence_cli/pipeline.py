@@ -18,6 +18,7 @@ from torch import nn
 
 from influence_cli import __version__
 from influence_cli.config import Config
+from influence_cli.distributed import DistContext, current, shard_range
 from influence_cli.errors import FactorsError, InflError
 from influence_cli.loaders import BatchLoader
 from influence_cli.models import build_model, load_checkpoint, save_checkpoint
@@ -60,6 +61,7 @@ class Session:
     run: RunDir = field(init=False)
     datasets: Any = None
     member: int = 0
+    dist: DistContext = field(default_factory=current)
 
     def __post_init__(self) -> None:
         self.run = RunDir(self.config, self.member)
@@ -112,7 +114,22 @@ def ensemble_sessions(session: Session) -> list[Session]:
 
 
 def ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
-    """Load the user's checkpoint, reuse a valid trained one, or train and save a new one."""
+    """Load the user's checkpoint, reuse a valid trained one, or train and save a new one.
+
+    Under torchrun rank 0 trains (or verifies) first while the others wait, then they
+    load the checkpoint it wrote: one training, one file.
+    """
+    dist = session.dist
+    if dist.active and not dist.is_main:
+        dist.barrier()
+        return _ensure_model(session, retrain=False)
+    state = _ensure_model(session, retrain=retrain)
+    if dist.active:
+        dist.barrier()
+    return state
+
+
+def _ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
     config, run, reporter = session.config, session.run, session.reporter
     data = session.data()
     num_classes = len(data.class_names)
@@ -162,6 +179,57 @@ def ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
         atomic_write_json(run.train_meta, info)
         atomic_write_text(run.resolved_config, config.to_yaml())
     return ModelState(model, checkpoint_hash, trained_now, train_acc, test_acc, info)
+
+
+# ----------------------------------------------------------------------------- data shards
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA (or other device) out-of-memory, as raised by torch."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def with_batch_backoff(session: Session, stage: str, fn: Any) -> Any:
+    """Call ``fn(batch_size)``; on out-of-memory halve the batch size and retry (down to 1).
+
+    Results do not depend on the batch size (Fisher labels are drawn per example), so a
+    retry gives the same numbers. Under torchrun each rank backs off on its own; an OOM
+    on one rank only is not coordinated (set a smaller influence.batch_size instead).
+    """
+    batch_size = int(session.config.influence.batch_size)
+    while True:
+        try:
+            return fn(batch_size)
+        except Exception as exc:  # noqa: BLE001 - only OOM is retried
+            if not is_out_of_memory(exc) or batch_size <= 1:
+                raise
+            batch_size = max(1, batch_size // 2)
+            session.reporter.warn(f"{stage}: out of memory; retrying with batch size {batch_size}")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def shard_bounds(session: Session, shard: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+    """[start, stop) of the training examples this process handles: a --shard i/n job's
+    block, else this torchrun rank's block, else everything."""
+    n = len(session.data().train)
+    index, count = shard if shard is not None else (session.dist.rank, session.dist.world_size)
+    if count <= 1:
+        return 0, n
+    if n < count:
+        raise InflError(f"{n} training examples cannot be split into {count} shards; use fewer processes or shards")
+    return shard_range(n, index, count)
+
+
+def train_loader(session: Session, batch_size: int, bounds: tuple[int, int]) -> BatchLoader:
+    """Batches of the training examples in ``bounds``; batches carry global indices."""
+    data = session.data()
+    start, stop = bounds
+    indices = None if (start, stop) == (0, len(data.train)) else torch.arange(start, stop)
+    return BatchLoader(data.train, batch_size, indices=indices, num_workers=session.config.influence.num_workers)
 
 
 # ----------------------------------------------------------------------------- factors
@@ -224,31 +292,83 @@ def ensure_factors(
         if not refit_stale:
             raise FactorsError(f"{directory}: {problem}; rerun with --overwrite to refit")
         reporter.info(f"factors in {directory}: {problem}; refitting")
-    data = session.data()
     device = influence_device(config)
-    loader = BatchLoader(data.train, config.influence.batch_size)
     damping: Any = config.influence.damping
+    dist = session.dist
+    bounds = shard_bounds(session)
     start = time.perf_counter()
-    with reporter.stages(len(data.train)) as on_batch:
-        factors = fit_factors(
-            state.model,
-            loader,
-            strategy,
-            damping=damping,
-            fisher=config.influence.fisher,
-            modules=config.influence.modules,
-            device=device,
-            dtype=influence_dtype(config),
-            seed=session.model_seed,
-            on_batch=on_batch,
-            damping_factor=config.influence.damping_factor,
-            damping_scope=config.influence.damping_scope,
-        )
+
+    def fit(batch_size: int) -> Any:
+        with reporter.stages(bounds[1] - bounds[0]) as on_batch:
+            return fit_factors(
+                state.model,
+                train_loader(session, batch_size, bounds),
+                strategy,
+                damping=damping,
+                fisher=config.influence.fisher,
+                modules=config.influence.modules,
+                device=device,
+                dtype=influence_dtype(config),
+                seed=session.model_seed,
+                on_batch=on_batch,
+                damping_factor=config.influence.damping_factor,
+                damping_scope=config.influence.damping_scope,
+                dist=dist if dist.active else None,
+                amp=config.influence.amp,
+            )
+
+    factors = with_batch_backoff(session, "fit-factors", fit)
     seconds = time.perf_counter() - start
-    run.ensure()
-    factors.save(directory, extra_meta={**want, "config_name": config.name, "fit_seconds": seconds})
+    if dist.is_main:
+        run.ensure()
+        factors.save(directory, extra_meta={**want, "config_name": config.name, "fit_seconds": seconds})
+    else:
+        factors.meta = {**factors._meta_dict(), **want}
+    if dist.active:
+        dist.barrier()
     state.model.cpu()
     return FactorsState(factors, False, seconds, directory)
+
+
+def existing_factors(session: Session, state: ModelState, strategy: str, command: str) -> Any:
+    """Stored factors that are valid for this checkpoint and config, or a one-line error
+    (shard jobs and merge never fit factors themselves: n jobs would fit them n times)."""
+    from influence_cli.influence.factors import Factors
+
+    directory = session.run.factors_dir(strategy)
+    want = {"checkpoint_hash": state.checkpoint_hash, "influence_hash": influence_hash(session.config, strategy)}
+    problem = stale_reason(directory, want) if directory.exists() else "no fitted factors"
+    if problem is not None:
+        raise FactorsError(
+            f"{directory}: {problem}; {command} --shard needs them: run `infl fit-factors` "
+            "(or its --shard jobs and `infl merge`) first"
+        )
+    return Factors.load(directory)
+
+
+def self_influence_scores(
+    session: Session, model: nn.Module, factors: Any, *, shard: Optional[tuple[int, int]] = None
+) -> torch.Tensor:
+    """Self-influence of the training set: this rank's (or --shard job's) block, gathered
+    over ranks in global index order. With ``shard`` only that block is returned."""
+    from influence_cli.influence.scores import self_influence
+
+    config = session.config
+    bounds = shard_bounds(session, shard)
+    device = influence_device(config)
+
+    def score(batch_size: int) -> torch.Tensor:
+        with session.reporter.stages(bounds[1] - bounds[0]) as on_batch:
+            return self_influence(
+                model, factors, train_loader(session, batch_size, bounds), device=device,
+                on_batch=on_batch, amp=config.influence.amp,
+            )
+
+    scores = with_batch_backoff(session, "self-influence", score).detach().cpu()
+    model.cpu()
+    if shard is None and session.dist.active:
+        scores = session.dist.gather_cat(scores)
+    return scores
 
 
 # ----------------------------------------------------------------------------- self-influence
@@ -278,22 +398,14 @@ def ensure_members(session: Session) -> list[Member]:
 
 
 def members_self_influence(members: list[Member], strategy: str) -> tuple[np.ndarray, list[FactorsState]]:
-    """Self-influence averaged over the ensemble members, float64, in training order."""
-    from influence_cli.influence.scores import self_influence
-
+    """Self-influence averaged over the ensemble members, float64, in training order
+    (under torchrun each rank scores its block and every rank gets the whole vector)."""
     total: Optional[np.ndarray] = None
     fstates = []
     for member in members:
-        session = member.session
-        fstate = ensure_factors(session, member.state, strategy, refit_stale=True)
-        data = session.data()
-        loader = BatchLoader(data.train, session.config.influence.batch_size)
-        with session.reporter.stages(len(data.train)) as on_batch:
-            scores = self_influence(
-                member.state.model, fstate.factors, loader, device=influence_device(session.config), on_batch=on_batch
-            )
-        member.state.model.cpu()
-        values = scores.detach().cpu().double().numpy()
+        fstate = ensure_factors(member.session, member.state, strategy, refit_stale=True)
+        scores = self_influence_scores(member.session, member.state.model, fstate.factors)
+        values = scores.double().numpy()
         total = values if total is None else total + values
         fstates.append(fstate)
     assert total is not None
@@ -320,22 +432,21 @@ def members_pairwise(
 ) -> Any:
     """score(t, i) averaged over the ensemble: the (T, N) matrix, or TopInfluences when
     ``top`` is given. One member streams with a running top-k; an ensemble needs each
-    member's full matrix (T × N floats) to average before ranking."""
-    from influence_cli.influence.scores import TopInfluences, pairwise_scores
+    member's full matrix (T × N floats) to average before ranking. Under torchrun every
+    rank scores its block of training columns and the blocks are gathered."""
+    from influence_cli.influence.scores import TopInfluences
 
     total = None
     for member in members:
         session = member.session
         fstate = ensure_factors(session, member.state, strategy, refit_stale=True)
-        data = session.data()
-        loader = BatchLoader(data.train, session.config.influence.batch_size)
-        with session.reporter.stages(len(data.train)) as on_batch:
-            result = pairwise_scores(
-                member.state.model, fstate.factors, loader, test_inputs, test_labels,
-                measurement=measurement, top=top if len(members) == 1 else None,
-                device=influence_device(session.config), on_batch=on_batch,
-            )
-        member.state.model.cpu()
+        member_top = top if len(members) == 1 else None
+        result = pairwise_block(
+            session, member.state.model, fstate.factors, test_inputs, test_labels,
+            measurement=measurement, top=member_top,
+        )
+        if session.dist.active:
+            result = gather_scores(session.dist, result, member_top)
         if len(members) == 1:
             return result
         matrix = result.detach().cpu().double()
@@ -364,18 +475,27 @@ class _TensorRows:
 
 
 def run_self_influence(session: Session, strategy: Optional[str] = None) -> SelfInfluenceResult:
-    """Self-influence of every training example, ranked and flagged; writes the CSVs.
+    """Self-influence of every training example, ranked and flagged; writes the CSVs
+    (rank 0 only under torchrun).
 
     With an ensemble the scores and the predicted probabilities are averaged over members.
     """
+    strategy = strategy or session.config.influence.strategy
+    start = time.perf_counter()
+    members = ensure_members(session)
+    scores_np, fstates = members_self_influence(members, strategy)
+    return finish_self_influence(session, scores_np, members, fstates, strategy, start)
+
+
+def finish_self_influence(
+    session: Session, scores: Any, members: list[Member], fstates: list[Any], strategy: str, start: float
+) -> SelfInfluenceResult:
+    """Rank, flag and write the CSVs (rank 0 only) from the self-influence of every example."""
     from influence_cli.audit.ranking import build_ranking, class_summary
     from influence_cli.audit.report import write_csv, write_json
 
     config, run = session.config, session.run
-    strategy = strategy or config.influence.strategy
-    start = time.perf_counter()
-    members = ensure_members(session)
-    scores_np, fstates = members_self_influence(members, strategy)
+    scores_np = scores.detach().cpu().double().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores, np.float64)
     if not np.all(np.isfinite(scores_np)):
         raise InflError("self-influence produced non-finite values: set influence.damping to a larger number")
     data = session.data()
@@ -404,10 +524,11 @@ def run_self_influence(session: Session, strategy: Optional[str] = None) -> Self
             "test_accuracy": float((test_probs.argmax(1) == data.test.labels.numpy()).mean()),
             "member_test_accuracy": [m.state.test_accuracy for m in members],
         }
-    run.ensure()
-    write_csv(table, run.self_influence_csv)
-    write_csv(table[table["flagged"]], run.mislabels_csv)
-    write_json(summary, run.summary_json)
+    if session.dist.is_main:
+        run.ensure()
+        write_csv(table, run.self_influence_csv)
+        write_csv(table[table["flagged"]], run.mislabels_csv)
+        write_json(summary, run.summary_json)
     return SelfInfluenceResult(table, summary, seconds, state, fstates[0], members)
 
 
@@ -497,6 +618,8 @@ def run_score(
         members, strategy, queries.inputs, torch.as_tensor(measured), measurement=measurement,
         top=None if matrix_path else k,
     )
+    if not session.dist.is_main:
+        return ScoreResult(None, queries, predicted, measured, time.perf_counter() - start, state, strategy, matrix_path)
     if matrix_path:
         matrix = result.detach().cpu().float()
         order = torch.argsort(matrix, dim=1, descending=True, stable=True)
@@ -531,6 +654,62 @@ def run_score(
     return ScoreResult(
         table, queries, predicted, measured, time.perf_counter() - start, state, strategy, matrix_path
     )
+
+
+def pairwise_block(
+    session: Session, model: nn.Module, factors: Any, test_inputs: torch.Tensor, test_labels: torch.Tensor, *,
+    measurement: str, top: Optional[int], shard: Optional[tuple[int, int]] = None,
+) -> Any:
+    """Scores of the test rows against this process's block of the training set, with
+    global training indices (the full matrix's columns or TopInfluences indices)."""
+    from influence_cli.influence.scores import pairwise_scores
+
+    config = session.config
+    bounds = shard_bounds(session, shard)
+    device = influence_device(config)
+
+    def score(batch_size: int) -> Any:
+        with session.reporter.stages(bounds[1] - bounds[0]) as on_batch:
+            return pairwise_scores(
+                model, factors, train_loader(session, batch_size, bounds), test_inputs, test_labels,
+                measurement=measurement, top=top, device=device, on_batch=on_batch, amp=config.influence.amp,
+            )
+
+    result = with_batch_backoff(session, "score", score)
+    model.cpu()
+    if top is not None and bounds[0]:
+        from influence_cli.influence.scores import TopInfluences
+
+        result = TopInfluences(
+            result.proponent_scores, result.proponent_indices + bounds[0],
+            result.opponent_scores, result.opponent_indices + bounds[0],
+        )
+    return result
+
+
+def merge_top(parts: list[Any], k: int) -> Any:
+    """One TopInfluences from the per-block ones (global indices), keeping k each way;
+    ties keep the lower training index first."""
+    from influence_cli.influence.scores import TopInfluences
+
+    fields = []
+    for values_name, index_name, largest in (
+        ("proponent_scores", "proponent_indices", True), ("opponent_scores", "opponent_indices", False),
+    ):
+        values = torch.cat([getattr(p, values_name) for p in parts], dim=1)
+        index = torch.cat([getattr(p, index_name) for p in parts], dim=1)
+        order = torch.argsort(index, dim=1, stable=True)  # global index order, then a stable sort
+        values, index = torch.gather(values, 1, order), torch.gather(index, 1, order)
+        order = torch.argsort(values, dim=1, descending=largest, stable=True)[:, : min(k, values.shape[1])]
+        fields += [torch.gather(values, 1, order), torch.gather(index, 1, order)]
+    return TopInfluences(*fields)
+
+
+def gather_scores(dist: DistContext, result: Any, top: Optional[int]) -> Any:
+    """Every rank's block of scores, combined in global index order."""
+    if top is None:
+        return dist.gather_cat(result.detach().cpu(), dim=1)
+    return merge_top(dist.all_gather_object(result), top)
 
 
 # ----------------------------------------------------------------------------- check and report
@@ -575,7 +754,8 @@ def run_check(
     result = evaluate_check(
         si.table, max_flagged_fraction=max_flagged_fraction, max_flagged=max_flagged, baseline_ids=baseline_ids
     )
-    write_csv(result.offenders, session.run.root / "check.csv")
+    if session.dist.is_main:
+        write_csv(result.offenders, session.run.root / "check.csv")
     return CheckOutcome(result, si, source)
 
 
@@ -585,6 +765,9 @@ def run_report(session: Session, *, strategy: Optional[str] = None, top: int = 5
 
     si = run_self_influence(session, strategy)
     data = session.data()
+    path = session.run.report_html
+    if not session.dist.is_main:
+        return path, si
     meta = {
         "config": session.config.name,
         "data source": session.config.data.source,

@@ -49,6 +49,8 @@ def influence_hash(config: Config, strategy: str) -> str:
     relevant = {k: inf[k] for k in ("damping", "damping_factor", "damping_scope", "fisher", "modules", "dtype")}
     if strategy in ("exact", "lissa"):  # solver settings shape their stored state
         relevant[strategy] = inf[strategy]
+    if inf.get("amp"):
+        relevant["amp"] = inf["amp"]
     return hash_object({"seed": dumped["seed"], "data": dumped["data"], "influence": relevant, "strategy": strategy})
 
 
@@ -154,6 +156,10 @@ class RunDir:
 
     def scores_csv(self, stem: str) -> Path:
         return self.root / "scores" / f"{stem}.csv"
+
+    def shard_dir(self, stage: str) -> Path:
+        """``--shard i/n`` partial results of one stage: runs/<name>/shards/<stage>/."""
+        return self.root / "shards" / stage
 
     def self_influence_cache(self, strategy: str) -> Path:
         return self.root / "cache" / f"self_influence-{strategy}.safetensors"

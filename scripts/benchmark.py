@@ -162,7 +162,10 @@ def run_stage(stage: str, workload: Workload, directory: Path) -> dict:
     result: dict = {}
     if stage != "epoch":
         _warmup(model, loader)
-    if stage == "epoch":
+    result["rss_before_mb"] = _reset_peak_rss()
+    if stage == "baseline":  # torch, data, model and one warm batch: what every stage starts from
+        result["seconds"] = 0.0
+    elif stage == "epoch":
         _epoch(model, loader)  # warm-up
         times = []
         for _ in range(3):
@@ -196,7 +199,28 @@ def run_stage(stage: str, workload: Workload, directory: Path) -> dict:
     else:
         raise SystemExit(f"unknown stage {stage}")
     result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["stage_peak_mb"] = _status_mb("VmHWM")  # peak since _reset_peak_rss (Linux)
     return result
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> float | None:
+    """Reset the kernel's peak-RSS mark (VmHWM) so a stage's own peak can be read; returns
+    the current RSS in MB (None off Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_mb("VmRSS")
 
 
 def _kronfluence(what: str, model: nn.Module, blob: dict, workload: Workload, directory: Path) -> dict:

@@ -273,7 +273,8 @@ def evaluate_noise_detection(
         "version": __version__,
     }
     result = json_safe(_rounded(result))
-    atomic_write_json(run.root / "evaluation.json", result)
+    if session.dist.is_main:
+        atomic_write_json(run.root / "evaluation.json", result)
     return result
 
 

@@ -303,8 +303,9 @@ def evaluate_lds(
     }
     result["seconds"] = clean_number(result["seconds"], 3)
     result = json_safe(result)
-    run.ensure()
-    atomic_write_json(run.root / "lds.json", result)
+    if session.dist.is_main:
+        run.ensure()
+        atomic_write_json(run.root / "lds.json", result)
     return result
 
 

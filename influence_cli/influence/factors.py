@@ -58,6 +58,14 @@ __all__ = [
     "fit_factors",
     "dense_preconditioner",
     "resolve_device",
+    "CovarianceSums",
+    "covariance_sums",
+    "eigenvalue_sums",
+    "bases_from_covariances",
+    "factors_from_sums",
+    "sample_fisher_labels",
+    "autocast",
+    "SHARDABLE",
     "FACTORS_FILE",
     "META_FILE",
 ]
@@ -299,6 +307,8 @@ class FitContext:
     on_batch: ProgressCallback | None
     reference: bool = False
     cache_bytes: int = 0
+    dist: Any = None  # DistContext-like (world_size, rank, all_reduce_sum, broadcast) or None
+    amp: str | None = None  # "bfloat16" | "float16": autocast the forward/backward only
 
 
 @dataclass(frozen=True)
@@ -359,29 +369,128 @@ def iterate_batches(loader: Iterable, device: torch.device) -> Iterator[tuple[Te
         yield inputs.to(device, non_blocking=True), labels.to(device=device, dtype=torch.long)
 
 
+def autocast(device: torch.device, amp: str | None):
+    """Autocast context for the model's forward/backward (``amp`` None → no-op).
+
+    Only the model runs in reduced precision; captured activations and gradients are cast
+    back to float32 (ActivationCapture) and every accumulation stays float32/64.
+    """
+    import contextlib
+
+    if not amp:
+        return contextlib.nullcontext()
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+    if amp not in dtypes:
+        raise InfluenceError(f"amp must be bfloat16, float16 or null, not {amp!r}")
+    return torch.autocast(device_type=device.type, dtype=dtypes[amp])
+
+
+def _world(dist: Any) -> int:
+    return 1 if dist is None else int(getattr(dist, "world_size", 1))
+
+
+def _reduce_sums(dist: Any, tensors: dict[str, Tensor], counts: dict[str, int]) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """All-reduce (sum) un-normalised accumulators and integer counts over ranks."""
+    if _world(dist) <= 1:
+        return tensors, counts
+    out = {key: dist.all_reduce_sum(tensors[key].to(torch.float64)) for key in sorted(tensors)}
+    keys = sorted(counts)
+    summed = dist.all_reduce_sum(torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64))
+    return out, {k: int(round(float(v))) for k, v in zip(keys, summed.tolist())}
+
+
+def iterate_indexed_batches(
+    loader: Iterable, device: torch.device
+) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """(inputs, labels, example indices or None) on ``device``; the indices are a batch's
+    third item when it is an integer tensor of the batch's length (BatchLoader yields the
+    global index of every example there)."""
+    for batch in loader:
+        if isinstance(batch, dict):
+            raise InfluenceError("batches must be (inputs, labels, ...) sequences, not dicts")
+        inputs, labels = batch[0], batch[1]
+        if not isinstance(labels, Tensor):
+            labels = torch.as_tensor(labels)
+        index = None
+        if len(batch) > 2:
+            third = batch[2]
+            if not isinstance(third, Tensor):
+                try:
+                    third = torch.as_tensor(third)
+                except (TypeError, ValueError, RuntimeError):
+                    third = None
+            if (
+                third is not None
+                and third.dim() == 1
+                and len(third) == len(labels)
+                and not third.is_floating_point()
+                and not third.is_complex()
+            ):
+                index = third.cpu().to(torch.int64)
+        yield inputs.to(device, non_blocking=True), labels.to(device=device, dtype=torch.long), index
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x):
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def sample_fisher_labels(probs: Tensor, seed: int, index: Tensor) -> Tensor:
+    """One label per row drawn from ``probs`` (n, C), keyed by (seed, example index).
+
+    Exponential race: label = argmax_c p_c / E_c with E_c = −log u_c and u_c a
+    counter-based uniform of (seed, index, c). So an example gets the same label whatever
+    the batch size, loader order or shard it is seen in (single process, torchrun ranks
+    and --shard jobs agree), and both fitting passes see the same labels.
+    """
+    import numpy as np
+
+    n, classes = probs.shape
+    idx = index.cpu().numpy().astype(np.uint64)
+    key = _splitmix64(np.uint64(int(seed) & _MASK64))
+    with np.errstate(over="ignore"):
+        counter = idx[:, None] * np.uint64(classes) + np.arange(classes, dtype=np.uint64)[None, :]
+        bits = _splitmix64(counter ^ key)
+    u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * (2.0**-53)
+    race = probs.detach().cpu().to(torch.float64) / torch.from_numpy(-np.log(u))
+    return race.argmax(1)
+
+
 def captured_batches(
     ctx: FitContext, stage: str, workspace: Workspace | None = None
 ) -> Iterator[tuple[int, dict[str, LayerBatch]]]:
     """(batch size, {layer: (a, g)}) per batch, with Fisher labels as configured.
 
-    The sampling generator is re-seeded on every call, so both fitting passes see the
-    same sampled labels (given the loader order). The yielded tensors may live in
-    ``workspace`` (valid until the next batch) unless it is disabled.
+    True-Fisher labels are drawn per example from (seed, example index) — the loader's
+    third batch item when it carries indices, else the position in loader order — so
+    both fitting passes, any batching and any sharding see the same labels. The yielded
+    tensors may live in ``workspace`` (valid until the next batch) unless it is disabled.
     """
-    generator = torch.Generator().manual_seed(int(ctx.seed))
     capture = ActivationCapture(ctx.modules, workspace=workspace or Workspace())
+    offset = 0
     with torch.no_grad(), eval_mode(ctx.model), capture:
-        for inputs, labels in iterate_batches(ctx.loader, ctx.device):
-            logits = capture.forward(ctx.model, inputs)
+        for inputs, labels, index in iterate_indexed_batches(ctx.loader, ctx.device):
+            n = int(labels.shape[0])
+            if index is None:
+                index = torch.arange(offset, offset + n)
+            offset += n
+            with autocast(ctx.device, ctx.amp):
+                logits = capture.forward(ctx.model, inputs)
             if ctx.fisher == "true":
-                probs = torch.softmax(logits.detach().to(torch.float64), dim=-1).cpu()
-                labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-                labels = labels.to(logits.device)
-            with torch.enable_grad():
+                probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
+                labels = sample_fisher_labels(probs, ctx.seed, index).to(logits.device)
+            with torch.enable_grad(), autocast(ctx.device, ctx.amp):
                 loss = F.cross_entropy(logits, labels, reduction="sum")
                 layers = capture.gradients(loss)
             del logits, loss
-            n = int(labels.shape[0])
             yield n, layers
             if ctx.on_batch is not None:
                 ctx.on_batch(stage, n)
@@ -446,7 +555,18 @@ def _fit_covariances(
     With ``cache_bytes`` > 0, also keeps copies of the captured (a, g) while they fit in
     that many bytes, so pass 2 can skip its forward/backward (the sampled Fisher labels
     are identical in both passes anyway). Returns the cache, or None if it overflowed.
+    The sums are all-reduced over ranks (``ctx.dist``) before normalisation.
     """
+    sums, cache = _covariance_sums(ctx, cache_bytes)
+    sums = sums.reduced(ctx.dist)
+    if sums.examples == 0:
+        raise InfluenceError("the data loader yielded no examples")
+    cov_a, cov_s = sums.normalised()
+    return cov_a, cov_s, sums.examples, cache
+
+
+def _covariance_sums(ctx: FitContext, cache_bytes: int = 0) -> tuple["CovarianceSums", list[BatchData] | None]:
+    """Pass-1 accumulators of this process's loader (not reduced), plus the pass cache."""
     cache: list[BatchData] | None = [] if cache_bytes > 0 else None
     cached = 0
     acc_a: dict[str, Tensor] = {}
@@ -488,22 +608,83 @@ def _fit_covariances(
                 capture_ws.enabled = False  # later batches are fresh tensors: keep them
             else:
                 cache.append((n, layers))
-    if total == 0:
+    if total == 0 and _world(ctx.dist) <= 1:
         raise InfluenceError("the data loader yielded no examples")
-    cov_a = {}
-    for name, acc in acc_a.items():
-        acc = _mirror_upper(acc).to(torch.float64)
-        cov_a[name] = to_weight_order(to_weight_order(acc, perms[name], 0), perms[name], 1) / positions[name]
-    cov_s = {name: _mirror_upper(acc).to(torch.float64) / total for name, acc in acc_s.items()}
-    return cov_a, cov_s, total, cache
+    return CovarianceSums(
+        {name: to_weight_order(to_weight_order(_mirror_upper(acc).to(torch.float64), perms[name], 0), perms[name], 1)
+         for name, acc in acc_a.items()},
+        {name: _mirror_upper(acc).to(torch.float64) for name, acc in acc_s.items()},
+        dict(positions),
+        total,
+    ), cache
 
 
-def _eigh_all(matrices: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+@dataclass
+class CovarianceSums:
+    """Pass-1 accumulators before normalisation, weight column order, float64:
+    Σ_{i,p} a aᵀ and Σ_i Σ_p g gᵀ per layer, positions seen per layer, examples seen.
+    Sums of disjoint shards add up to the sums of the whole set."""
+
+    a: dict[str, Tensor]
+    s: dict[str, Tensor]
+    positions: dict[str, int]
+    examples: int
+
+    def reduced(self, dist: Any) -> "CovarianceSums":
+        if _world(dist) <= 1:
+            return self
+        tensors = {**{f"{k}::A": v for k, v in self.a.items()}, **{f"{k}::S": v for k, v in self.s.items()}}
+        counts = {**{f"{k}::positions": v for k, v in self.positions.items()}, "examples": self.examples}
+        tensors, counts = _reduce_sums(dist, tensors, counts)
+        names = list(self.a)
+        return CovarianceSums(
+            {k: tensors[f"{k}::A"] for k in names},
+            {k: tensors[f"{k}::S"] for k in names},
+            {k: counts[f"{k}::positions"] for k in names},
+            counts["examples"],
+        )
+
+    def __add__(self, other: "CovarianceSums") -> "CovarianceSums":
+        if set(self.a) != set(other.a):
+            raise InfluenceError("covariance sums of different layer sets cannot be added")
+        return CovarianceSums(
+            {k: self.a[k] + other.a[k] for k in self.a},
+            {k: self.s[k] + other.s[k] for k in self.s},
+            {k: self.positions[k] + other.positions[k] for k in self.positions},
+            self.examples + other.examples,
+        )
+
+    def normalised(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        cov_a = {k: v / self.positions[k] for k, v in self.a.items()}
+        cov_s = {k: v / self.examples for k, v in self.s.items()}
+        return cov_a, cov_s
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {**{f"{k}::A": v for k, v in self.a.items()}, **{f"{k}::S": v for k, v in self.s.items()}}
+
+    def counts(self) -> dict[str, int]:
+        return {**{f"{k}::positions": v for k, v in self.positions.items()}, "examples": self.examples}
+
+    @classmethod
+    def from_parts(cls, tensors: dict[str, Tensor], counts: dict[str, int]) -> "CovarianceSums":
+        names = sorted(k[: -len("::A")] for k in tensors if k.endswith("::A"))
+        return cls(
+            {k: tensors[f"{k}::A"].to(torch.float64) for k in names},
+            {k: tensors[f"{k}::S"].to(torch.float64) for k in names},
+            {k: int(counts[f"{k}::positions"]) for k in names},
+            int(counts["examples"]),
+        )
+
+
+def _eigh_all(matrices: dict[Any, Tensor], dist: Any = None) -> dict[Any, tuple[Tensor, Tensor]]:
     """Symmetric eigendecompositions in float64, checked for finiteness first.
 
     On the CPU, LAPACK's eigh scales badly with threads on small matrices, so each runs
-    single-threaded while several run side by side.
+    single-threaded while several run side by side. With a process group (``dist``), the
+    matrices are dealt round-robin by size over the ranks and broadcast from their owner.
     """
+    if _world(dist) > 1:
+        return _eigh_distributed(matrices, dist)
     for key, mat in matrices.items():
         if not bool(torch.isfinite(mat).all()):
             layer, which = key
@@ -532,6 +713,45 @@ def _eigh_all(matrices: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
     return {key: res for (key, _), res in zip(items, results)}
 
 
+def _eigh_distributed(matrices: dict[Any, Tensor], dist: Any) -> dict[Any, tuple[Tensor, Tensor]]:
+    # Same key order on every rank (sizes, then the key's text) so owners agree.
+    items = sorted(matrices.items(), key=lambda kv: (-kv[1].shape[0], str(kv[0])))
+    owner = {key: i % dist.world_size for i, (key, _m) in enumerate(items)}
+    mine = {key: mat for key, mat in items if owner[key] == dist.rank}
+    local = _eigh_all(mine) if mine else {}
+    out: dict[Any, tuple[Tensor, Tensor]] = {}
+    for key, mat in items:
+        d = mat.shape[0]
+        if key in local:
+            evals, evecs = local[key]
+        else:
+            evals = torch.empty(d, dtype=torch.float64, device=mat.device)
+            evecs = torch.empty(d, d, dtype=torch.float64, device=mat.device)
+        evals = dist.broadcast(evals.contiguous(), owner[key])
+        evecs = dist.broadcast(evecs.contiguous(), owner[key])
+        out[key] = (evals, evecs)
+    return out
+
+
+def bases_from_covariances(sums: CovarianceSums, dist: Any = None) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """{layer: (λ_S, Q_S, λ_A, Q_A)} from (merged) pass-1 sums: normalise, eigendecompose."""
+    cov_a, cov_s = sums.normalised()
+    mats: dict[tuple[str, str], Tensor] = {}
+    for name in cov_a:
+        mats[(name, "activation (A)")] = cov_a[name]
+        mats[(name, "output-gradient (S)")] = cov_s[name]
+    eig = _eigh_all(mats, dist)
+    return {
+        name: (
+            eig[(name, "output-gradient (S)")][0],
+            eig[(name, "output-gradient (S)")][1],
+            eig[(name, "activation (A)")][0],
+            eig[(name, "activation (A)")][1],
+        )
+        for name in cov_a
+    }
+
+
 def _layer_info(ctx: FitContext, name: str) -> tuple[str, int, int, bool]:
     module = ctx.modules[name]
     d_out, d_in, has_bias = layer_shape(module)
@@ -547,7 +767,7 @@ def _fit_kfac_bases(
     for name in cov_a:
         mats[(name, "activation (A)")] = cov_a[name]
         mats[(name, "output-gradient (S)")] = cov_s[name]
-    eig = _eigh_all(mats)
+    eig = _eigh_all(mats, ctx.dist)
     bases = {
         name: (
             eig[(name, "output-gradient (S)")][0],
@@ -575,6 +795,28 @@ def _fit_eigenvalues(
     expected: int | None = None,
 ) -> tuple[dict[str, Tensor], int]:
     """Pass 2: Λ_jk = (1/N) Σ_i (Q_Sᵀ G_i Q_A)_jk² per layer, bases given as (Q_S, Q_A).
+
+    The sums are all-reduced over ranks (``ctx.dist``) before normalisation.
+    """
+    sums, total = _eigenvalue_sums(ctx, bases, cache)
+    sums, counts = _reduce_sums(ctx.dist, sums, {"examples": total})
+    total = counts["examples"]
+    if expected is not None and total != expected:
+        raise InfluenceError(
+            f"the data loader yielded {expected} examples in pass 1 but {total} in pass 2; "
+            "it must iterate the same data each time (a re-iterable loader, not an iterator)"
+        )
+    if total == 0:
+        raise InfluenceError("the data loader yielded no examples")
+    return {name: value / total for name, value in sums.items()}, total
+
+
+def _eigenvalue_sums(
+    ctx: FitContext,
+    bases: dict[str, tuple[Tensor | None, Tensor | None]],
+    cache: list[BatchData] | None = None,
+) -> tuple[dict[str, Tensor], int]:
+    """Pass-2 accumulators Σ_i (Q_Sᵀ G_i Q_A)², float64, weight order; local (not reduced).
 
     Rank-one layers (P == 1): Λ += (g̃∘g̃)ᵀ (ã∘ã), one matmul per batch, no G_i. Others:
     rotated per-example gradients with the per-side flop rule, in memory-bounded chunks.
@@ -621,19 +863,12 @@ def _fit_eigenvalues(
                         rotated = rotated_per_example_grads(a[sl], g[sl], q_a, q_s, ws, q_a_t)
                     summed = torch.sum(rotated.square_(), 0, out=ws.get("lam_sum", (d_out, d_in), a))
                     acc[name].add_(summed)
-    if expected is not None and total != expected:
-        raise InfluenceError(
-            f"the data loader yielded {expected} examples in pass 1 but {total} in pass 2; "
-            "it must iterate the same data each time (a re-iterable loader, not an iterator)"
-        )
-    if total == 0:
-        raise InfluenceError("the data loader yielded no examples")
     # With an identity A basis the columns of Λ are weight columns: back to weight order.
-    lam = {}
-    for name, value in acc.items():
-        value = value.to(torch.float64) / total
-        lam[name] = value if bases[name][1] is not None else to_weight_order(value, perms[name], 1)
-    return lam, total
+    sums = {
+        name: value.to(torch.float64) if bases[name][1] is not None else to_weight_order(value.to(torch.float64), perms[name], 1)
+        for name, value in acc.items()
+    }
+    return sums, total
 
 
 def _fit_ekfac(ctx: FitContext) -> tuple[dict[str, LayerFactors], int]:
@@ -656,7 +891,7 @@ def _fit_diagonal(ctx: FitContext) -> tuple[dict[str, LayerFactors], int]:
 
 
 def _fit_identity(ctx: FitContext) -> tuple[dict[str, LayerFactors], int]:
-    total = _count_examples(ctx.loader)
+    total = _reduce_sums(ctx.dist, {}, {"examples": _count_examples(ctx.loader)})[1]["examples"]
     out = {}
     for name in ctx.modules:
         _kind, d_out, d_in, _bias = _layer_info(ctx, name)
@@ -758,6 +993,8 @@ def fit_factors(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     damping_factor: float = AUTO_DAMPING_SCALE,
     damping_scope: str = "layer",
+    dist: Any = None,
+    amp: str | None = None,
 ) -> Factors:
     """Fit per-layer curvature factors of ``model`` on ``loader``.
 
@@ -776,6 +1013,13 @@ def fit_factors(
     reference: use the slow explicit-G_i path in pass 2 (for tests).
     cache_bytes: EK-FAC keeps pass 1's captured (a, g) for pass 2 when they fit in this
         many bytes, saving a forward/backward over the data; 0 disables.
+    dist: None, or a process-group context (``influence_cli.distributed.DistContext``:
+        ``world_size``, ``rank``, ``all_reduce_sum``, ``broadcast``). Each rank passes a
+        loader over its own disjoint shard; covariance and eigenvalue sums and counts are
+        all-reduced before normalisation and the eigendecompositions are shared out by
+        layer and broadcast, so every rank returns the factors of the whole data set.
+    amp: "bfloat16" / "float16" autocast the model's forward/backward; accumulation stays
+        float32/64.
     """
     if strategy not in STRATEGIES:
         raise InfluenceError(
@@ -794,10 +1038,25 @@ def fit_factors(
     tracked = modules if isinstance(modules, dict) else select_modules(model, modules)
     if not tracked:
         raise InfluenceError("nothing to track: the module selection is empty")
-    ctx = FitContext(model, loader, tracked, dev, fisher, seed, on_batch, reference, cache_bytes)
     if damping_scope not in ("layer", "global"):
         raise InfluenceError(f"damping_scope must be 'layer' or 'global', not {damping_scope!r}")
+    ctx = FitContext(model, loader, tracked, dev, fisher, seed, on_batch, reference, cache_bytes, dist, amp)
     layers, total = spec.fit(ctx)
+    return _finalise(strategy, layers, total, damping, fisher, dtype, damping_factor, damping_scope)
+
+
+def _finalise(
+    strategy: str,
+    layers: dict[str, LayerFactors],
+    total: int,
+    damping: str | float,
+    fisher: str,
+    dtype: torch.dtype,
+    damping_factor: float = AUTO_DAMPING_SCALE,
+    damping_scope: str = "layer",
+) -> Factors:
+    """Damping per layer and the storage dtype: the last step of every fit."""
+    spec = STRATEGIES[strategy]
     pooled = None
     if damping_scope == "global" and layers:
         pooled = torch.cat([layer.eigenvalues.reshape(-1).to(torch.float64) for layer in layers.values()])
@@ -819,6 +1078,99 @@ def fit_factors(
         num_examples=total,
         layers=layers,
     )
+
+
+# ------------------------------------------------------- sharded fitting (job arrays)
+# ``--shard i/n`` jobs have no process group: each writes its un-normalised sums, and a
+# merge adds them. EK-FAC needs two rounds (pass 2 rotates into the merged pass-1 bases).
+SHARDABLE = {"ekfac": ("covariance", "eigenvalues"), "kfac": ("covariance",), "diagonal": ("eigenvalues",), "identity": ()}
+
+
+def _shard_context(
+    model: nn.Module, loader: Iterable, fisher: str, modules: Any, device: Any, seed: int,
+    on_batch: ProgressCallback | None, amp: str | None,
+) -> FitContext:
+    if fisher not in ("true", "empirical"):
+        raise InfluenceError(f"fisher must be 'true' or 'empirical', not {fisher!r}")
+    dev = resolve_device(model, device)
+    if any(p.device != dev for p in model.parameters()):
+        model.to(dev)
+    tracked = modules if isinstance(modules, dict) else select_modules(model, modules)
+    if not tracked:
+        raise InfluenceError("nothing to track: the module selection is empty")
+    return FitContext(model, loader, tracked, dev, fisher, seed, on_batch, False, 0, None, amp)
+
+
+def covariance_sums(
+    model: nn.Module, loader: Iterable, *, fisher: str = "true", modules: Any = None, device: Any = None,
+    seed: int = 0, on_batch: ProgressCallback | None = None, amp: str | None = None,
+) -> CovarianceSums:
+    """Pass 1 on this loader only, un-normalised (a shard's contribution)."""
+    ctx = _shard_context(model, loader, fisher, modules, device, seed, on_batch, amp)
+    return _covariance_sums(ctx, 0)[0]
+
+
+def eigenvalue_sums(
+    model: nn.Module, loader: Iterable, bases: dict[str, tuple[Tensor | None, Tensor | None]], *,
+    fisher: str = "true", modules: Any = None, device: Any = None, seed: int = 0,
+    on_batch: ProgressCallback | None = None, amp: str | None = None,
+) -> tuple[dict[str, Tensor], int]:
+    """Pass 2 on this loader only, un-normalised: ({layer: Σ_i (Q_Sᵀ G_i Q_A)²}, examples).
+    ``bases`` = {layer: (Q_S, Q_A)} (None = identity, the diagonal strategy)."""
+    ctx = _shard_context(model, loader, fisher, modules, device, seed, on_batch, amp)
+    return _eigenvalue_sums(ctx, bases)
+
+
+def factors_from_sums(
+    model: nn.Module,
+    strategy: str,
+    *,
+    covariance: CovarianceSums | None = None,
+    eigenvalues: tuple[dict[str, Tensor], int] | None = None,
+    bases: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] | None = None,
+    num_examples: int | None = None,
+    damping: str | float = "auto",
+    fisher: str = "true",
+    modules: Any = None,
+    dtype: torch.dtype = torch.float32,
+    damping_factor: float = AUTO_DAMPING_SCALE,
+    damping_scope: str = "layer",
+) -> Factors:
+    """The Factors a single fit would give, from merged shard sums.
+
+    ekfac: ``bases`` (from :func:`bases_from_covariances`) + merged ``eigenvalues``;
+    kfac: ``covariance`` (or ``bases``); diagonal: ``eigenvalues``; identity: ``num_examples``.
+    """
+    if strategy not in SHARDABLE:
+        raise InfluenceError(f"strategy {strategy!r} cannot be fitted in shards (use one of {', '.join(SHARDABLE)})")
+    tracked = modules if isinstance(modules, dict) else select_modules(model, modules)
+    ctx = FitContext(model, [], tracked, torch.device("cpu"), fisher, 0, None)
+    if strategy in ("ekfac", "kfac") and bases is None:
+        if covariance is None:
+            raise InfluenceError(f"{strategy}: merged pass-1 covariances are needed")
+        bases = bases_from_covariances(covariance)
+    if strategy == "kfac":
+        assert bases is not None
+        total = covariance.examples if covariance is not None else int(num_examples or 0)
+        parts = {name: (q_s, q_a, torch.outer(l_s, l_a)) for name, (l_s, q_s, l_a, q_a) in bases.items()}
+    elif strategy in ("ekfac", "diagonal"):
+        if eigenvalues is None:
+            raise InfluenceError(f"{strategy}: merged pass-2 eigenvalue sums are needed")
+        sums, total = eigenvalues
+        if total <= 0:
+            raise InfluenceError("the shards hold no examples")
+        if strategy == "ekfac":
+            assert bases is not None
+            parts = {name: (b[1], b[3], sums[name] / total) for name, b in bases.items()}
+        else:
+            parts = {name: (None, None, sums[name] / total) for name in tracked}
+    else:
+        total = int(num_examples or 0)
+        parts = {}
+        for name in tracked:
+            _kind, d_out, d_in, _bias = _layer_info(ctx, name)
+            parts[name] = (None, None, torch.zeros(d_out, d_in, dtype=torch.float64))
+    return _finalise(strategy, _build_layers(ctx, parts), total, damping, fisher, dtype, damping_factor, damping_scope)
 
 
 def dense_preconditioner(layer: LayerFactors) -> Tensor:

@@ -22,6 +22,7 @@ from influence_cli.errors import InfluenceError
 from influence_cli.influence.factors import (
     Factors,
     ProgressCallback,
+    autocast,
     iterate_batches,
     model_dtype,
     resolve_device,
@@ -92,13 +93,17 @@ def _captured(
     measurement: str,
     stage: str,
     on_batch: ProgressCallback | None,
+    amp: str | None = None,
 ):
-    """Yield (n, {layer: LayerBatch}) for each batch with the given labels."""
+    """Yield (n, {layer: LayerBatch}) for each batch with the given labels.
+
+    amp autocasts only the model's forward/backward; captured (a, g) come back float32."""
     capture = ActivationCapture(modules, workspace=Workspace())
     with torch.no_grad(), eval_mode(model), capture:
         for inputs, labels in batches:
-            logits = capture.forward(model, inputs)
-            with torch.enable_grad():
+            with autocast(inputs.device, amp):
+                logits = capture.forward(model, inputs)
+            with torch.enable_grad(), autocast(inputs.device, amp):
                 loss = measurement_loss(logits, labels, measurement)
                 layers = capture.gradients(loss)
             del logits, loss
@@ -138,16 +143,18 @@ def self_influence(
     *,
     device: torch.device | str | None = None,
     on_batch: ProgressCallback | None = None,
+    amp: str | None = None,
 ) -> Tensor:
     """s_i = Σ_layers g_iᵀ (H + λI)⁻¹ g_i for every example, in loader order → (N,).
 
-    Uses the given labels. on_batch("self-influence", n) after each batch.
+    Uses the given labels. on_batch("self-influence", n) after each batch. amp:
+    "bfloat16"/"float16" autocast for the model's forward/backward only.
     """
     dev, modules, ops = _setup(model, factors, device)
     results: list[Tensor] = []
     ws = Workspace()
     for n, layers in _captured(
-        model, modules, iterate_batches(loader, dev), "loss", "self-influence", on_batch
+        model, modules, iterate_batches(loader, dev), "loss", "self-influence", on_batch, amp
     ):
         total = None
         for name, batch in layers.items():
@@ -248,6 +255,7 @@ def _test_side(
     batch_size: int,
     num_train: int | None,
     on_batch: ProgressCallback | None,
+    amp: str | None = None,
 ) -> dict[str, _TestSide]:
     """Precondition the test gradients once, per layer in the cheaper basis."""
     num_test = len(test_inputs)
@@ -260,6 +268,7 @@ def _test_side(
         measurement,
         "test-gradients",
         on_batch,
+        amp,
     ):
         for name, batch in layers.items():
             op = ops[name]
@@ -355,6 +364,7 @@ def pairwise_scores(
     on_batch: ProgressCallback | None = None,
     test_gradients: dict[str, Tensor] | None = None,
     test_batch_size: int = 256,
+    amp: str | None = None,
 ) -> Tensor | TopInfluences:
     """score(t, i) = g_tᵀ (H + λI)⁻¹ g_i for test rows t and every training example i.
 
@@ -382,7 +392,7 @@ def pairwise_scores(
         if test_gradients is None:
             sides = _test_side(
                 model, modules, ops, test_inputs[rows], torch.as_tensor(test_labels)[rows],
-                measurement, dev, test_batch_size, _dataset_size(train_loader), on_batch,
+                measurement, dev, test_batch_size, _dataset_size(train_loader), on_batch, amp,
             )
         else:
             missing = set(ops) - set(test_gradients)
@@ -398,7 +408,7 @@ def pairwise_scores(
                 )
                 for name in ops
             }
-        results.append(_stream_train(model, modules, ops, sides, train_loader, dev, top, on_batch))
+        results.append(_stream_train(model, modules, ops, sides, train_loader, dev, top, on_batch, amp))
     if top is None:
         result = torch.cat(results, dim=0)
         if not bool(torch.isfinite(result).all()):
@@ -427,6 +437,7 @@ def _stream_train(
     dev: torch.device,
     top: int | None,
     on_batch: ProgressCallback | None,
+    amp: str | None = None,
 ) -> Tensor | TopInfluences:
     """One pass over the training set for one group of test rows."""
     num_test = next(iter(sides.values())).matrix.shape[0]
@@ -435,7 +446,7 @@ def _stream_train(
     offset = 0
     ws = Workspace()
     for n, layers in _captured(
-        model, modules, iterate_batches(train_loader, dev), "loss", "scores", on_batch
+        model, modules, iterate_batches(train_loader, dev), "loss", "scores", on_batch, amp
     ):
         total = None
         for name, batch in layers.items():
