@@ -103,15 +103,8 @@ class Factors:
         Files go to a temporary sibling directory that is renamed into place, so an
         interrupted run never leaves a directory that a later run would trust.
         """
-        from safetensors.torch import save_file
-
         target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        meta = self._meta_dict()
-        for key, value in (extra_meta or {}).items():
-            if key in meta:
-                raise ValueError(f"extra_meta key {key!r} clashes with a reserved meta key")
-            meta[key] = value
+        meta = merge_extra_meta(self._meta_dict(), extra_meta)
         tensors: dict[str, Tensor] = {}
         for name, layer in self.layers.items():
             tensors[_key(name, "eigenvalues")] = layer.eigenvalues.detach().cpu().contiguous()
@@ -119,23 +112,7 @@ class Factors:
                 tensors[_key(name, "q_s")] = layer.q_s.detach().cpu().contiguous()
             if layer.q_a is not None:
                 tensors[_key(name, "q_a")] = layer.q_a.detach().cpu().contiguous()
-        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": "infl-factors"})
-            _write_json(tmp / META_FILE, meta)  # last: its presence marks a complete write
-            _fsync_dir(tmp)
-            old = None
-            if target.exists():
-                old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(target, old)
-            os.replace(tmp, target)
-            _fsync_dir(target.parent)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        atomic_save(target, tensors, meta)
         self.meta = meta
         return target
 
@@ -237,26 +214,75 @@ class Factors:
 
     def check_model(self, model: nn.Module) -> dict[str, nn.Module]:
         """The model's modules matching the stored layers; FactorsError on any mismatch."""
-        named = dict(model.named_modules())
-        modules: dict[str, nn.Module] = {}
-        for name, layer in self.layers.items():
-            module = named.get(name)
-            if module is None:
-                raise FactorsError(
-                    f"factors track module {name!r} that the model does not have; re-run fit-factors"
-                )
-            try:
-                kind = layer_kind(module)
-            except InfluenceError:
-                kind = type(module).__name__
-            shape = layer_shape(module) if hasattr(module, "weight") else None
-            if kind != layer.kind or shape != (layer.d_out, layer.d_in, layer.has_bias):
-                raise FactorsError(
-                    f"factors for module {name!r} ({layer.kind}, {layer.d_out}x{layer.d_in}) do "
-                    f"not match the model's ({kind}, {shape}); re-run fit-factors"
-                )
-            modules[name] = module
-        return modules
+        return check_tracked(
+            model,
+            {name: (layer.kind, layer.d_out, layer.d_in, layer.has_bias) for name, layer in self.layers.items()},
+        )
+
+
+def merge_extra_meta(meta: dict[str, Any], extra_meta: dict[str, Any] | None) -> dict[str, Any]:
+    """meta with the caller's keys added; a clash with a reserved key is refused."""
+    for key, value in (extra_meta or {}).items():
+        if key in meta:
+            raise ValueError(f"extra_meta key {key!r} clashes with a reserved meta key")
+        meta[key] = value
+    return meta
+
+
+def atomic_save(target: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """Write ``FACTORS_FILE`` then ``META_FILE`` into ``target`` atomically.
+
+    Files go to a temporary sibling directory that is renamed into place, so an
+    interrupted run never leaves a directory that a later run would trust. Shared by
+    every strategy (Factors and the dense/iterative solvers) so callers treat all alike.
+    """
+    from safetensors.torch import save_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": "infl-factors"})
+        _write_json(tmp / META_FILE, meta)  # last: its presence marks a complete write
+        _fsync_dir(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_tracked(
+    model: nn.Module, layers: dict[str, tuple[str, int, int, bool]]
+) -> dict[str, nn.Module]:
+    """The model's modules matching stored {name: (kind, d_out, d_in, has_bias)};
+    FactorsError on any mismatch (stale or foreign factors)."""
+    named = dict(model.named_modules())
+    modules: dict[str, nn.Module] = {}
+    for name, (stored_kind, d_out, d_in, has_bias) in layers.items():
+        module = named.get(name)
+        if module is None:
+            raise FactorsError(
+                f"factors track module {name!r} that the model does not have; re-run fit-factors"
+            )
+        try:
+            kind = layer_kind(module)
+        except InfluenceError:
+            kind = type(module).__name__
+        shape = layer_shape(module) if hasattr(module, "weight") else None
+        if kind != stored_kind or shape != (d_out, d_in, has_bias):
+            raise FactorsError(
+                f"factors for module {name!r} ({stored_kind}, {d_out}x{d_in}) do "
+                f"not match the model's ({kind}, {shape}); re-run fit-factors"
+            )
+        modules[name] = module
+    return modules
 
 
 def _key(name: str, what: str) -> str:
