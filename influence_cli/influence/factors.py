@@ -13,6 +13,7 @@ rank-one layers and rotates each side of a conv gradient where it is cheaper.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -349,9 +350,19 @@ def register_strategy(strategy: Strategy) -> Strategy:
     return strategy
 
 
+# Strategies with their own preconditioner objects (influence.solvers), not per-layer
+# eigenbases; fit_factors dispatches to them.
+SOLVER_STRATEGIES: dict[str, str] = {
+    "exact": "dense (H + λI)⁻¹ over all tracked layers jointly (small models only)",
+    "lissa": "LiSSA stochastic iterative solve, any model size (slow: one solve per scored example)",
+}
+
+
 def available_strategies() -> dict[str, str]:
     """{name: one-line description} of every registered strategy."""
-    return {name: s.description for name, s in STRATEGIES.items()}
+    out = {name: s.description for name, s in STRATEGIES.items()}
+    out.update(SOLVER_STRATEGIES)
+    return out
 
 
 def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -781,8 +792,14 @@ def fit_factors(
     on_batch: ProgressCallback | None = None,
     reference: bool = False,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
-) -> Factors:
+    options: dict[str, Any] | None = None,
+) -> Any:
     """Fit per-layer curvature factors of ``model`` on ``loader``.
+
+    strategy "exact" / "lissa" return an ExactSolver / LissaSolver instead of Factors
+    (see ``influence.solvers``); ``options`` are their strategy-specific keyword
+    arguments (e.g. {"max_params": 50000} or {"depth": 2000, "scale": 50.0}). ``fisher``,
+    ``reference`` and ``cache_bytes`` do not apply to them.
 
     loader: iterable of batches whose first two items are inputs and integer labels.
     fisher: "true" samples labels from the model's predictive distribution (seeded,
@@ -797,9 +814,31 @@ def fit_factors(
     cache_bytes: EK-FAC keeps pass 1's captured (a, g) for pass 2 when they fit in this
         many bytes, saving a forward/backward over the data; 0 disables.
     """
+    if strategy in SOLVER_STRATEGIES:
+        from influence_cli.influence import solvers
+
+        common: dict[str, Any] = {"damping": damping, "modules": modules, "device": device, "on_batch": on_batch}
+        if strategy == "exact":
+            common["dtype"] = dtype
+        else:
+            common["seed"] = seed
+        opts = dict(options or {})
+        clash = sorted(set(opts) & set(common))
+        if clash:
+            raise InfluenceError(f"{strategy}: pass {', '.join(clash)} as fit_factors arguments, not options")
+        fit = solvers.fit_exact if strategy == "exact" else solvers.fit_lissa
+        known = set(inspect.signature(fit).parameters) - {"model", "loader"} - set(common)
+        unknown = sorted(set(opts) - known)
+        if unknown:
+            raise InfluenceError(
+                f"{strategy}: unknown options {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
+        return fit(model, loader, **common, **opts)
+    if options:
+        raise InfluenceError(f"strategy {strategy!r} takes no options, got {sorted(options)}")
     if strategy not in STRATEGIES:
         raise InfluenceError(
-            f"unknown strategy {strategy!r}; available: {', '.join(sorted(STRATEGIES))}"
+            f"unknown strategy {strategy!r}; available: {', '.join(sorted(available_strategies()))}"
         )
     if fisher not in ("true", "empirical"):
         raise InfluenceError(f"fisher must be 'true' or 'empirical', not {fisher!r}")
