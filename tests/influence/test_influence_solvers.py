@@ -330,6 +330,10 @@ def test_lissa_stochastic_minibatches_with_repeats(convex):
     v = torch.randn(3, k.shape[0], generator=torch.Generator().manual_seed(2), dtype=F64)
     ref = torch.linalg.solve(k + solver.damping * torch.eye(k.shape[0], dtype=F64), v.T).T
     assert rel(solver.precondition_flat(v), ref) < 0.1
+    solver.repeats, solver.depth = 1, 50
+    first = solver.precondition_flat(v)
+    solver.vector_chunk = 2  # chunks see the same minibatches: same answer
+    assert torch.allclose(solver.precondition_flat(v), first, rtol=1e-10, atol=1e-12)
 
 
 def test_lissa_on_plain_batch_list_and_hessian(convex):
@@ -373,3 +377,15 @@ def test_lissa_scores_save_load_and_fit_factors(tmp_path, convex):
     xt, yt = x[:3], y[:3]
     pair = pairwise_scores(model, loaded, loader, xt, yt)
     assert rel(pair, dense_grads(model, xt, yt) @ torch.linalg.solve(k, g.T)) < 1e-2
+
+
+def test_exact_reusable_test_gradients(setup):
+    from influence_cli.influence import preconditioned_test_gradients
+
+    model, x, y = setup
+    solver = fit_exact(model, batches(x, y, 6), damping=0.2, dtype=F64)
+    xt, yt = x[:3], y[:3]
+    grads = preconditioned_test_gradients(model, solver, xt, yt)
+    assert set(grads) == set(select_modules(model))
+    again = pairwise_scores(model, solver, batches(x, y, 5), xt, yt, test_gradients=grads)
+    assert torch.allclose(again, pairwise_scores(model, solver, batches(x, y, 5), xt, yt), rtol=1e-12, atol=0)
