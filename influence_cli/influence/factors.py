@@ -61,6 +61,10 @@ __all__ = [
     "resolve_device",
     "FACTORS_FILE",
     "META_FILE",
+    "SOLVER_STRATEGIES",
+    "atomic_save",
+    "check_tracked",
+    "merge_extra_meta",
 ]
 
 FACTORS_FILE = "factors.safetensors"

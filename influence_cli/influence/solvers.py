@@ -37,7 +37,6 @@ from influence_cli.influence.factors import (
     AUTO_DAMPING_SCALE,
     FACTORS_FILE,
     FORMAT_VERSION,
-    META_FILE,
     SOLVER_STRATEGIES,
     STRATEGIES,
     Factors,
@@ -62,6 +61,7 @@ __all__ = [
     "load_factors",
     "SOLVER_STRATEGIES",
     "LISSA_SCALE_MARGIN",
+    "AUTO_DAMPING_SCALE",  # damping "auto" = this × trace(K)/P, the same rule as factors
 ]
 
 # Solve in float64 when the float64 copy of the factor stays small (P² · 8 bytes).
@@ -518,7 +518,11 @@ class LissaSolver:
         return check_tracked(model, self.modules_info)
 
     def bind(self, model: nn.Module, loader: Iterable, device: torch.device | str | None = None) -> "LissaSolver":
-        """Attach the model and the training data the curvature products need."""
+        """Attach the model and the training data the curvature products need.
+
+        The scoring functions call this with the loader they are given (the training
+        set), so a loaded solver needs nothing else; minibatches are drawn from it.
+        """
         modules = self.check_model(model)
         dev = _prepare(model, device)
         self._model = model
