@@ -45,6 +45,10 @@ app.add_typer(config_app, name="config")
 ConfigOption = typer.Option(
     None, "--config", "-c", help="YAML config file, or the name of a bundled config (see `infl config list`)."
 )
+STRATEGY_HELP = (
+    "How (H + λI)⁻¹ is approximated: ekfac (default), kfac, diagonal, identity (plain gradients), "
+    "exact (dense solve, small models) or lissa (iterative, slow; settings in influence.lissa)."
+)
 SetOption = typer.Option(
     None, "--set", help="Override a config value, e.g. --set train.epochs=5 (repeatable; value read as YAML)."
 )
@@ -158,7 +162,7 @@ def fit_factors_command(
     config: Optional[str] = ConfigOption,
     set_: Optional[List[str]] = SetOption,
     strategy: Optional[str] = typer.Option(
-        None, "--strategy", "-s", help="Curvature approximation: ekfac (default), kfac, diagonal or identity."
+        None, "--strategy", "-s", help=STRATEGY_HELP
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Refit even if factors exist (needed when they are stale)."),
     shard: Optional[str] = ShardOption,
@@ -203,7 +207,7 @@ def self_influence_command(
         None, "--out", "-o", help="Also write the full ranking CSV here ('-' for stdout)."
     ),
     strategy: Optional[str] = typer.Option(
-        None, "--strategy", "-s", help="Curvature approximation: ekfac (default), kfac, diagonal or identity."
+        None, "--strategy", "-s", help=STRATEGY_HELP
     ),
     shard: Optional[str] = ShardOption,
 ) -> None:
@@ -261,7 +265,7 @@ def score(
         None, "--out", "-o", help="CSV to write (default runs/<name>/scores/<stem>.csv; '-' for stdout)."
     ),
     strategy: Optional[str] = typer.Option(
-        None, "--strategy", "-s", help="Curvature approximation: ekfac (default), kfac, diagonal or identity."
+        None, "--strategy", "-s", help=STRATEGY_HELP
     ),
     measurement: str = typer.Option(
         "loss", "--measurement", "-m", help="What to explain: 'loss' (of the label) or 'margin' (logit of the label minus the others)."
@@ -337,7 +341,7 @@ def check(
     ),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML report (one test case per threshold)."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write a Markdown summary here."),
-    strategy: Optional[str] = typer.Option(None, "--strategy", "-s", help="Curvature approximation (default ekfac)."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", "-s", help=STRATEGY_HELP),
 ) -> None:
     """Data-quality gate for CI: exit 0 within thresholds, 1 when exceeded, 2 on bad input.
 
@@ -396,7 +400,7 @@ def report(
     config: Optional[str] = ConfigOption,
     set_: Optional[List[str]] = SetOption,
     top: int = typer.Option(50, "--top", "-n", min=1, help="Suspects shown as cards in the gallery."),
-    strategy: Optional[str] = typer.Option(None, "--strategy", "-s", help="Curvature approximation (default ekfac)."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", "-s", help=STRATEGY_HELP),
 ) -> None:
     """Write runs/<name>/report.html: a self-contained gallery of the top suspects."""
     from influence_cli.pipeline import run_report

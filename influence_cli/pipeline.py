@@ -278,7 +278,8 @@ def ensure_factors(
     ``refit_stale`` and refit them, saying so, because their job is to audit the data as
     it is now (a CI check after a label change must not stop at a cache).
     """
-    from influence_cli.influence.factors import Factors, fit_factors
+    from influence_cli.influence.factors import SOLVER_STRATEGIES, fit_factors
+    from influence_cli.influence.solvers import load_factors
 
     config, run, reporter = session.config, session.run, session.reporter
     directory = run.factors_dir(strategy)
@@ -287,7 +288,7 @@ def ensure_factors(
         problem = stale_reason(directory, want)
         if problem is None:
             start = time.perf_counter()
-            factors = Factors.load(directory)
+            factors = load_factors(directory)
             return FactorsState(factors, True, time.perf_counter() - start, directory)
         if not refit_stale:
             raise FactorsError(f"{directory}: {problem}; rerun with --overwrite to refit")
@@ -295,7 +296,15 @@ def ensure_factors(
     device = influence_device(config)
     damping: Any = config.influence.damping
     dist = session.dist
-    bounds = shard_bounds(session)
+    solver = strategy in SOLVER_STRATEGIES
+    options = solver_options(config, strategy)
+    if strategy == "lissa" and config.influence.lissa.damping is not None:
+        damping = config.influence.lissa.damping
+    if solver and dist.active and not dist.is_main:
+        # The solvers fit on the whole training set: rank 0 fits once, the others load it.
+        dist.barrier()
+        return FactorsState(load_factors(directory), False, 0.0, directory)
+    bounds = (0, len(session.data().train)) if solver else shard_bounds(session)
     start = time.perf_counter()
 
     def fit(batch_size: int) -> Any:
@@ -313,8 +322,9 @@ def ensure_factors(
                 on_batch=on_batch,
                 damping_factor=config.influence.damping_factor,
                 damping_scope=config.influence.damping_scope,
-                dist=dist if dist.active else None,
+                dist=dist if dist.active and not solver else None,
                 amp=config.influence.amp,
+                options=options,
             )
 
     factors = with_batch_backoff(session, "fit-factors", fit)
@@ -330,10 +340,23 @@ def ensure_factors(
     return FactorsState(factors, False, seconds, directory)
 
 
+def solver_options(config: Config, strategy: str) -> Optional[dict[str, Any]]:
+    """The strategy-specific settings of exact / lissa (None for the factor strategies)."""
+    if strategy == "exact":
+        return {"curvature": config.influence.exact.curvature, "max_params": config.influence.exact.max_params}
+    if strategy == "lissa":
+        lissa = config.influence.lissa
+        return {
+            "curvature": lissa.curvature, "depth": lissa.depth, "scale": lissa.scale,
+            "repeats": lissa.repeats, "batch_size": lissa.batch_size,
+        }
+    return None
+
+
 def existing_factors(session: Session, state: ModelState, strategy: str, command: str) -> Any:
     """Stored factors that are valid for this checkpoint and config, or a one-line error
     (shard jobs and merge never fit factors themselves: n jobs would fit them n times)."""
-    from influence_cli.influence.factors import Factors
+    from influence_cli.influence.solvers import load_factors
 
     directory = session.run.factors_dir(strategy)
     want = {"checkpoint_hash": state.checkpoint_hash, "influence_hash": influence_hash(session.config, strategy)}
@@ -343,7 +366,7 @@ def existing_factors(session: Session, state: ModelState, strategy: str, command
             f"{directory}: {problem}; {command} --shard needs them: run `infl fit-factors` "
             "(or its --shard jobs and `infl merge`) first"
         )
-    return Factors.load(directory)
+    return load_factors(directory)
 
 
 def self_influence_scores(

@@ -21,6 +21,15 @@ from influence_cli.influence.factors import (
 )
 from influence_cli.influence.modules import ActivationCapture, LayerBatch, select_modules
 from influence_cli.influence.precondition import LayerOperator, precondition, precondition_all
+from influence_cli.influence.curvature import CurvatureProducts, ParameterLayout
+from influence_cli.influence.solvers import (
+    ExactSolver,
+    LissaDivergenceError,
+    LissaSolver,
+    fit_exact,
+    fit_lissa,
+    load_factors,
+)
 from influence_cli.influence.scores import (
     TopInfluences,
     pairwise_scores,
@@ -31,6 +40,14 @@ from influence_cli.influence.scores import (
 __all__ = [
     "STRATEGIES",
     "ActivationCapture",
+    "CurvatureProducts",
+    "ExactSolver",
+    "LissaDivergenceError",
+    "LissaSolver",
+    "ParameterLayout",
+    "fit_exact",
+    "fit_lissa",
+    "load_factors",
     "Factors",
     "LayerBatch",
     "LayerFactors",

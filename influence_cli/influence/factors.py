@@ -13,6 +13,7 @@ rank-one layers and rotates each side of a conv gradient where it is cheaper.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -68,6 +69,10 @@ __all__ = [
     "SHARDABLE",
     "FACTORS_FILE",
     "META_FILE",
+    "SOLVER_STRATEGIES",
+    "atomic_save",
+    "check_tracked",
+    "merge_extra_meta",
 ]
 
 FACTORS_FILE = "factors.safetensors"
@@ -112,15 +117,8 @@ class Factors:
         Files go to a temporary sibling directory that is renamed into place, so an
         interrupted run never leaves a directory that a later run would trust.
         """
-        from safetensors.torch import save_file
-
         target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        meta = self._meta_dict()
-        for key, value in (extra_meta or {}).items():
-            if key in meta:
-                raise ValueError(f"extra_meta key {key!r} clashes with a reserved meta key")
-            meta[key] = value
+        meta = merge_extra_meta(self._meta_dict(), extra_meta)
         tensors: dict[str, Tensor] = {}
         for name, layer in self.layers.items():
             tensors[_key(name, "eigenvalues")] = layer.eigenvalues.detach().cpu().contiguous()
@@ -128,23 +126,7 @@ class Factors:
                 tensors[_key(name, "q_s")] = layer.q_s.detach().cpu().contiguous()
             if layer.q_a is not None:
                 tensors[_key(name, "q_a")] = layer.q_a.detach().cpu().contiguous()
-        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": "infl-factors"})
-            _write_json(tmp / META_FILE, meta)  # last: its presence marks a complete write
-            _fsync_dir(tmp)
-            old = None
-            if target.exists():
-                old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(target, old)
-            os.replace(tmp, target)
-            _fsync_dir(target.parent)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        atomic_save(target, tensors, meta)
         self.meta = meta
         return target
 
@@ -246,26 +228,75 @@ class Factors:
 
     def check_model(self, model: nn.Module) -> dict[str, nn.Module]:
         """The model's modules matching the stored layers; FactorsError on any mismatch."""
-        named = dict(model.named_modules())
-        modules: dict[str, nn.Module] = {}
-        for name, layer in self.layers.items():
-            module = named.get(name)
-            if module is None:
-                raise FactorsError(
-                    f"factors track module {name!r} that the model does not have; re-run fit-factors"
-                )
-            try:
-                kind = layer_kind(module)
-            except InfluenceError:
-                kind = type(module).__name__
-            shape = layer_shape(module) if hasattr(module, "weight") else None
-            if kind != layer.kind or shape != (layer.d_out, layer.d_in, layer.has_bias):
-                raise FactorsError(
-                    f"factors for module {name!r} ({layer.kind}, {layer.d_out}x{layer.d_in}) do "
-                    f"not match the model's ({kind}, {shape}); re-run fit-factors"
-                )
-            modules[name] = module
-        return modules
+        return check_tracked(
+            model,
+            {name: (layer.kind, layer.d_out, layer.d_in, layer.has_bias) for name, layer in self.layers.items()},
+        )
+
+
+def merge_extra_meta(meta: dict[str, Any], extra_meta: dict[str, Any] | None) -> dict[str, Any]:
+    """meta with the caller's keys added; a clash with a reserved key is refused."""
+    for key, value in (extra_meta or {}).items():
+        if key in meta:
+            raise ValueError(f"extra_meta key {key!r} clashes with a reserved meta key")
+        meta[key] = value
+    return meta
+
+
+def atomic_save(target: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """Write ``FACTORS_FILE`` then ``META_FILE`` into ``target`` atomically.
+
+    Files go to a temporary sibling directory that is renamed into place, so an
+    interrupted run never leaves a directory that a later run would trust. Shared by
+    every strategy (Factors and the dense/iterative solvers) so callers treat all alike.
+    """
+    from safetensors.torch import save_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": "infl-factors"})
+        _write_json(tmp / META_FILE, meta)  # last: its presence marks a complete write
+        _fsync_dir(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_tracked(
+    model: nn.Module, layers: dict[str, tuple[str, int, int, bool]]
+) -> dict[str, nn.Module]:
+    """The model's modules matching stored {name: (kind, d_out, d_in, has_bias)};
+    FactorsError on any mismatch (stale or foreign factors)."""
+    named = dict(model.named_modules())
+    modules: dict[str, nn.Module] = {}
+    for name, (stored_kind, d_out, d_in, has_bias) in layers.items():
+        module = named.get(name)
+        if module is None:
+            raise FactorsError(
+                f"factors track module {name!r} that the model does not have; re-run fit-factors"
+            )
+        try:
+            kind = layer_kind(module)
+        except InfluenceError:
+            kind = type(module).__name__
+        shape = layer_shape(module) if hasattr(module, "weight") else None
+        if kind != stored_kind or shape != (d_out, d_in, has_bias):
+            raise FactorsError(
+                f"factors for module {name!r} ({stored_kind}, {d_out}x{d_in}) do "
+                f"not match the model's ({kind}, {shape}); re-run fit-factors"
+            )
+        modules[name] = module
+    return modules
 
 
 def _key(name: str, what: str) -> str:
@@ -334,9 +365,19 @@ def register_strategy(strategy: Strategy) -> Strategy:
     return strategy
 
 
+# Strategies with their own preconditioner objects (influence.solvers), not per-layer
+# eigenbases; fit_factors dispatches to them.
+SOLVER_STRATEGIES: dict[str, str] = {
+    "exact": "dense (H + λI)⁻¹ over all tracked layers jointly (small models only)",
+    "lissa": "LiSSA stochastic iterative solve, any model size (slow: one solve per scored example)",
+}
+
+
 def available_strategies() -> dict[str, str]:
     """{name: one-line description} of every registered strategy."""
-    return {name: s.description for name, s in STRATEGIES.items()}
+    out = {name: s.description for name, s in STRATEGIES.items()}
+    out.update(SOLVER_STRATEGIES)
+    return out
 
 
 def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -995,8 +1036,14 @@ def fit_factors(
     damping_scope: str = "layer",
     dist: Any = None,
     amp: str | None = None,
-) -> Factors:
+    options: dict[str, Any] | None = None,
+) -> Any:
     """Fit per-layer curvature factors of ``model`` on ``loader``.
+
+    strategy "exact" / "lissa" return an ExactSolver / LissaSolver instead of Factors
+    (see ``influence.solvers``); ``options`` are their strategy-specific keyword
+    arguments (e.g. {"max_params": 50000} or {"depth": 2000, "scale": 50.0}). ``fisher``,
+    ``reference`` and ``cache_bytes`` do not apply to them.
 
     loader: iterable of batches whose first two items are inputs and integer labels.
     fisher: "true" samples labels from the model's predictive distribution (seeded,
@@ -1021,9 +1068,34 @@ def fit_factors(
     amp: "bfloat16" / "float16" autocast the model's forward/backward; accumulation stays
         float32/64.
     """
+    if strategy in SOLVER_STRATEGIES:
+        from influence_cli.influence import solvers
+
+        common: dict[str, Any] = {
+            "damping": damping, "damping_factor": damping_factor, "modules": modules, "device": device,
+            "on_batch": on_batch,
+        }
+        if strategy == "exact":
+            common["dtype"] = dtype
+        else:
+            common["seed"] = seed
+        opts = dict(options or {})
+        clash = sorted(set(opts) & set(common))
+        if clash:
+            raise InfluenceError(f"{strategy}: pass {', '.join(clash)} as fit_factors arguments, not options")
+        fit = solvers.fit_exact if strategy == "exact" else solvers.fit_lissa
+        known = set(inspect.signature(fit).parameters) - {"model", "loader"} - set(common)
+        unknown = sorted(set(opts) - known)
+        if unknown:
+            raise InfluenceError(
+                f"{strategy}: unknown options {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
+        return fit(model, loader, **common, **opts)
+    if options:
+        raise InfluenceError(f"strategy {strategy!r} takes no options, got {sorted(options)}")
     if strategy not in STRATEGIES:
         raise InfluenceError(
-            f"unknown strategy {strategy!r}; available: {', '.join(sorted(STRATEGIES))}"
+            f"unknown strategy {strategy!r}; available: {', '.join(sorted(available_strategies()))}"
         )
     if fisher not in ("true", "empirical"):
         raise InfluenceError(f"fisher must be 'true' or 'empirical', not {fisher!r}")

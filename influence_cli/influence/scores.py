@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -148,8 +149,11 @@ def self_influence(
     """s_i = Σ_layers g_iᵀ (H + λI)⁻¹ g_i for every example, in loader order → (N,).
 
     Uses the given labels. on_batch("self-influence", n) after each batch. amp:
-    "bfloat16"/"float16" autocast for the model's forward/backward only.
+    "bfloat16"/"float16" autocast for the model's forward/backward only. ``factors``
+    may also be an ExactSolver / LissaSolver (see ``solvers``).
     """
+    if not isinstance(factors, Factors):
+        return _solver_self_influence(model, factors, loader, device, on_batch)
     dev, modules, ops = _setup(model, factors, device)
     results: list[Tensor] = []
     ws = Workspace()
@@ -302,6 +306,11 @@ def preconditioned_test_gradients(
     """
     if measurement not in MEASUREMENTS:
         raise InfluenceError(f"measurement must be one of {MEASUREMENTS}, not {measurement!r}")
+    if not isinstance(factors, Factors):
+        dev, modules, layout = _solver_setup(model, factors, None, device)
+        flat = _solver_test_side(model, modules, layout, factors, test_inputs, test_labels,
+                                 measurement, dev, batch_size, None)
+        return layout.unflatten(flat)
     dev, modules, ops = _setup(model, factors, device)
     sides = _test_side(
         model, modules, ops, test_inputs, test_labels, measurement, dev, batch_size, None, None
@@ -378,6 +387,11 @@ def pairwise_scores(
         raise InfluenceError(f"measurement must be one of {MEASUREMENTS}, not {measurement!r}")
     if top is not None and top < 1:
         raise InfluenceError(f"top must be a positive integer, not {top!r}")
+    if not isinstance(factors, Factors):
+        return _solver_pairwise(
+            model, factors, train_loader, test_inputs, test_labels, measurement, top, device,
+            on_batch, test_gradients, test_batch_size,
+        )
     dev, modules, ops = _setup(model, factors, device)
     num_test = len(test_inputs) if test_gradients is None else _num_rows(test_gradients)
     if num_test == 0:
@@ -477,3 +491,139 @@ def _merge_top(
     k = min(k, scores.shape[1])
     values, pos = torch.topk(scores, k, dim=1, largest=largest, sorted=True)
     return values, torch.gather(idx, 1, pos)
+
+
+# ====================================================== dense / iterative solvers
+# ExactSolver and LissaSolver precondition flat vectors over all tracked layers jointly
+# (no per-layer eigenbasis), so scores go through explicit flat per-example gradients.
+# Self-influence rows are gathered into chunks of this many for one solver call (LiSSA
+# solves every row of a chunk as one batch of vectors).
+_SOLVER_CHUNK_ROWS = 512
+
+
+def _solver_setup(model: nn.Module, solver: Any, loader: Iterable | None, device):
+    from influence_cli.influence.curvature import ParameterLayout
+
+    dev = resolve_device(model, device)
+    if any(p.device != dev for p in model.parameters()):
+        model.to(dev)
+    modules = solver.check_model(model)
+    if loader is not None and hasattr(solver, "bind"):
+        solver.bind(model, loader, dev)
+    return dev, modules, ParameterLayout(modules)
+
+
+def _flat_gradient_batches(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    layout: Any,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    measurement: str,
+    stage: str,
+    on_batch: ProgressCallback | None,
+):
+    """(n, flat per-example gradients (n, P)) per batch. The capture hooks are removed
+    before each yield, so the caller may run the model (LiSSA's products) in between."""
+    from influence_cli.influence.curvature import flat_gradients
+
+    dtype = model_dtype(model)
+    for inputs, labels in batches:
+        capture = ActivationCapture(modules)
+        with torch.no_grad(), eval_mode(model), capture:
+            logits = capture.forward(model, inputs)
+            with torch.enable_grad():
+                loss = measurement_loss(logits, labels, measurement)
+                layers = capture.gradients(loss)
+            flat = flat_gradients(layout, layers, dtype)
+            del logits, loss, layers
+        n = int(labels.shape[0])
+        yield n, flat
+        if on_batch is not None:
+            on_batch(stage, n)
+
+
+def _solver_self_influence(model, solver, loader, device, on_batch) -> Tensor:
+    dev, modules, layout = _solver_setup(model, solver, loader, device)
+    results: list[Tensor] = []
+    pending: list[Tensor] = []
+    rows = 0
+
+    def flush() -> None:
+        nonlocal rows
+        if pending:
+            results.append(solver.self_scores(torch.cat(pending)).cpu())
+            pending.clear()
+            rows = 0
+
+    for n, flat in _flat_gradient_batches(
+        model, modules, layout, iterate_batches(loader, dev), "loss", "self-influence", on_batch
+    ):
+        pending.append(flat)
+        rows += n
+        if rows >= _SOLVER_CHUNK_ROWS:
+            flush()
+    flush()
+    if not results:
+        raise InfluenceError("the data loader yielded no examples")
+    scores = torch.cat(results)
+    if not bool(torch.isfinite(scores).all()):
+        raise InfluenceError("self-influence produced non-finite values (check the damping and inputs)")
+    return scores
+
+
+def _solver_test_side(model, modules, layout, solver, test_inputs, test_labels, measurement,
+                      dev, batch_size, on_batch) -> Tensor:
+    """(K + λI)⁻¹ g_t as flat rows (T, P), weight column order, solved once."""
+    parts = [
+        flat
+        for _n, flat in _flat_gradient_batches(
+            model, modules, layout, _test_batches(test_inputs, test_labels, dev, batch_size),
+            measurement, "test-gradients", on_batch,
+        )
+    ]
+    if not parts:
+        raise InfluenceError("no test rows to score")
+    return solver.precondition_flat(torch.cat(parts))
+
+
+def _solver_pairwise(model, solver, train_loader, test_inputs, test_labels, measurement, top,
+                     device, on_batch, test_gradients, test_batch_size):
+    dev, modules, layout = _solver_setup(model, solver, train_loader, device)
+    if test_gradients is None:
+        if len(test_inputs) == 0:
+            raise InfluenceError("no test rows to score")
+        side = _solver_test_side(model, modules, layout, solver, test_inputs, test_labels,
+                                 measurement, dev, test_batch_size, on_batch)
+    else:
+        missing = set(modules) - set(test_gradients)
+        if missing:
+            raise InfluenceError(f"test_gradients lack layers {sorted(missing)}")
+        side = layout.flatten({name: test_gradients[name] for name in modules})
+        side = side.to(device=dev, dtype=model_dtype(model))
+    num_test = side.shape[0]
+    full: list[Tensor] = []
+    best = worst = None
+    offset = 0
+    for n, flat in _flat_gradient_batches(
+        model, modules, layout, iterate_batches(train_loader, dev), "loss", "scores", on_batch
+    ):
+        scores = side @ flat.T  # (T, n)
+        if top is None:
+            full.append(scores.cpu())
+        else:
+            idx = torch.arange(offset, offset + n, device=scores.device).expand(num_test, n)
+            best = _merge_top(best, scores, idx, top, largest=True)
+            worst = _merge_top(worst, scores, idx, top, largest=False)
+        offset += n
+    if offset == 0:
+        raise InfluenceError("the training data loader yielded no examples")
+    if top is None:
+        result = torch.cat(full, dim=1)
+        if not bool(torch.isfinite(result).all()):
+            raise InfluenceError("influence scores are not finite (check the damping and inputs)")
+        return result
+    assert best is not None and worst is not None
+    merged = TopInfluences(best[0].cpu(), best[1].cpu(), worst[0].cpu(), worst[1].cpu())
+    if not (bool(torch.isfinite(merged.proponent_scores).all()) and bool(torch.isfinite(merged.opponent_scores).all())):
+        raise InfluenceError("influence scores are not finite (check the damping and inputs)")
+    return merged
