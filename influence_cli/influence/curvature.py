@@ -15,6 +15,8 @@ ones held fixed, model in eval mode):
 
 from __future__ import annotations
 
+import warnings
+
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -239,6 +241,13 @@ class CurvatureProducts:
 
     def product(self, inputs: Tensor, labels: Tensor, vectors: Tensor) -> Tensor:
         """Σ_i K_i V for the examples of one batch; vectors (k, P) → (k, P)."""
+        with warnings.catch_warnings():
+            # torch's forward-AD decompositions call torch.jit.script on first use, which
+            # warns about its own deprecation; not the user's concern.
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+            return self._product(inputs, labels, vectors)
+
+    def _product(self, inputs: Tensor, labels: Tensor, vectors: Tensor) -> Tensor:
         dtype = next(iter(self.tracked.values())).dtype
         tangents = self.layout.to_params(vectors.to(dtype))
         if self.curvature == "gauss_newton":
