@@ -420,6 +420,21 @@ def ensure_members(session: Session) -> list[Member]:
     return [Member(s, ensure_model(s)) for s in ensemble_sessions(session)]
 
 
+def warn_solver_limits(session: Session, factors: Any, *, per_example: bool) -> None:
+    """LiSSA's cost and convergence, said before the slow part starts."""
+    if getattr(factors, "strategy", None) != "lissa":
+        return
+    if per_example:
+        session.reporter.warn(f"{factors.cost_note} (slow: use ekfac or exact for a full audit)")
+    left = factors.unconverged_fraction
+    if left > 0.1:
+        session.reporter.warn(
+            f"LiSSA: with damping {factors.damping:.3g} and scale {factors.scale:.3g}, depth {factors.depth} leaves "
+            f"{100 * left:.0f} % of the solution along the flattest curvature directions unreached; "
+            f"set influence.lissa.depth to about {factors.depth_for(0.1)} or raise influence.lissa.damping"
+        )
+
+
 def members_self_influence(members: list[Member], strategy: str) -> tuple[np.ndarray, list[FactorsState]]:
     """Self-influence averaged over the ensemble members, float64, in training order
     (under torchrun each rank scores its block and every rank gets the whole vector)."""
@@ -427,6 +442,7 @@ def members_self_influence(members: list[Member], strategy: str) -> tuple[np.nda
     fstates = []
     for member in members:
         fstate = ensure_factors(member.session, member.state, strategy, refit_stale=True)
+        warn_solver_limits(member.session, fstate.factors, per_example=True)
         scores = self_influence_scores(member.session, member.state.model, fstate.factors)
         values = scores.double().numpy()
         total = values if total is None else total + values
@@ -463,6 +479,7 @@ def members_pairwise(
     for member in members:
         session = member.session
         fstate = ensure_factors(session, member.state, strategy, refit_stale=True)
+        warn_solver_limits(session, fstate.factors, per_example=False)
         member_top = top if len(members) == 1 else None
         result = pairwise_block(
             session, member.state.model, fstate.factors, test_inputs, test_labels,

@@ -501,7 +501,7 @@ def _merge_top(
 _SOLVER_CHUNK_ROWS = 512
 
 
-def _solver_setup(model: nn.Module, solver: Any, loader: Iterable | None, device):
+def _solver_setup(model: nn.Module, solver: Any, loader: Iterable | None, device, on_batch=None):
     from influence_cli.influence.curvature import ParameterLayout
 
     dev = resolve_device(model, device)
@@ -510,6 +510,8 @@ def _solver_setup(model: nn.Module, solver: Any, loader: Iterable | None, device
     modules = solver.check_model(model)
     if loader is not None and hasattr(solver, "bind"):
         solver.bind(model, loader, dev)
+    if hasattr(solver, "on_vectors"):  # iterative solves report each finished chunk
+        solver.on_vectors = on_batch
     return dev, modules, ParameterLayout(modules)
 
 
@@ -543,7 +545,7 @@ def _flat_gradient_batches(
 
 
 def _solver_self_influence(model, solver, loader, device, on_batch) -> Tensor:
-    dev, modules, layout = _solver_setup(model, solver, loader, device)
+    dev, modules, layout = _solver_setup(model, solver, loader, device, on_batch)
     results: list[Tensor] = []
     pending: list[Tensor] = []
     rows = 0
@@ -588,7 +590,7 @@ def _solver_test_side(model, modules, layout, solver, test_inputs, test_labels, 
 
 def _solver_pairwise(model, solver, train_loader, test_inputs, test_labels, measurement, top,
                      device, on_batch, test_gradients, test_batch_size):
-    dev, modules, layout = _solver_setup(model, solver, train_loader, device)
+    dev, modules, layout = _solver_setup(model, solver, train_loader, device, on_batch)
     if test_gradients is None:
         if len(test_inputs) == 0:
             raise InfluenceError("no test rows to score")

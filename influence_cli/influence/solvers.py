@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -499,6 +499,7 @@ class LissaSolver:
     meta: dict[str, Any] = field(default_factory=dict)
     strategy: str = "lissa"
     last_report: dict[str, Any] = field(default_factory=dict)
+    on_vectors: Callable[[str, int], None] | None = field(default=None, repr=False)  # progress: ("lissa solves", rows)
     _model: nn.Module | None = field(default=None, repr=False)
     _products: CurvatureProducts | None = field(default=None, repr=False)
     _batches: _Minibatches | None = field(default=None, repr=False)
@@ -506,6 +507,21 @@ class LissaSolver:
     @property
     def num_params(self) -> int:
         return _num_params(self.modules_info)
+
+    @property
+    def unconverged_fraction(self) -> float:
+        """(1 − λ/scale)^(depth+1): the share of the solution along the flattest curvature
+        directions (eigenvalue ≈ 0) that the truncated Neumann series Σ_{i≤depth} has not
+        reached. Near 1 means the estimate is mostly missing there; raise depth or λ."""
+        rate = min(1.0, max(0.0, self.damping / self.scale))
+        return float((1.0 - rate) ** (self.depth + 1))
+
+    def depth_for(self, fraction: float = 0.1) -> int:
+        """Steps needed to bring :attr:`unconverged_fraction` down to ``fraction``."""
+        rate = min(1.0, max(1e-300, self.damping / self.scale))
+        if rate >= 1.0:
+            return 1
+        return max(1, int(math.ceil(math.log(fraction) / math.log1p(-rate))) - 1)
 
     @property
     def cost_note(self) -> str:
@@ -577,6 +593,8 @@ class LissaSolver:
                 total = est if total is None else total + est
                 worst = max([worst, *self.last_report["relative_change"]])
             out[start : start + v.shape[0]] = (total / self.repeats).to(x.dtype)
+            if self.on_vectors is not None:
+                self.on_vectors("lissa solves", int(v.shape[0]))
         self.last_report["depth"] = self.depth
         # Max over the last steps of ‖h_j − h_{j−1}‖/‖h_j‖: a value well above the
         # minibatch noise level means depth was too small.
