@@ -159,10 +159,10 @@ class LissaConfig(_Strict):
 
 class InfluenceConfig(_Strict):
     strategy: str = "ekfac"
-    damping: Union[float, str] = Field("auto", description="'auto' (damping_factor x mean eigenvalue per layer) or a number")
+    damping: Union[float, str] = Field("auto", description="'auto' (damping_factor x the mean curvature eigenvalue) or a number")
     damping_factor: float = Field(0.1, gt=0.0, description="damping: auto = this factor x the mean curvature eigenvalue")
     damping_scope: Literal["global", "layer"] = Field(
-        "layer", description="damping: auto averages the eigenvalues of every layer (global) or of each layer (layer)"
+        "global", description="damping: auto averages the eigenvalues of every layer (global: one lambda) or of each layer (layer)"
     )
     ensemble: Union[int, list[str]] = Field(
         1, description="K models trained with seeds seed..seed+K-1, or a list of checkpoints; scores are averaged"

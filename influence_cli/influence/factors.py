@@ -1033,7 +1033,7 @@ def fit_factors(
     reference: bool = False,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     damping_factor: float = AUTO_DAMPING_SCALE,
-    damping_scope: str = "layer",
+    damping_scope: str = "global",
     dist: Any = None,
     amp: str | None = None,
     options: dict[str, Any] | None = None,
@@ -1125,7 +1125,7 @@ def _finalise(
     fisher: str,
     dtype: torch.dtype,
     damping_factor: float = AUTO_DAMPING_SCALE,
-    damping_scope: str = "layer",
+    damping_scope: str = "global",
 ) -> Factors:
     """Damping per layer and the storage dtype: the last step of every fit."""
     spec = STRATEGIES[strategy]
@@ -1206,7 +1206,7 @@ def factors_from_sums(
     modules: Any = None,
     dtype: torch.dtype = torch.float32,
     damping_factor: float = AUTO_DAMPING_SCALE,
-    damping_scope: str = "layer",
+    damping_scope: str = "global",
 ) -> Factors:
     """The Factors a single fit would give, from merged shard sums.
 

@@ -126,9 +126,18 @@ def test_diagonal_and_ekfac_eigenvalues_match_dense_fisher(setup, request):
 
 def test_auto_damping_is_tenth_of_mean_eigenvalue(mlp_setup):
     model, x, y = mlp_setup
-    factors = fit(model, x, y, "ekfac")
+    factors = fit(model, x, y, "ekfac")  # default scope: global, one λ for every layer
+    pooled = torch.cat([layer.eigenvalues.reshape(-1) for layer in factors.layers.values()])
     for layer in factors.layers.values():
-        assert layer.damping == pytest.approx(0.1 * float(layer.eigenvalues.mean()), rel=1e-12)
+        assert layer.damping == pytest.approx(0.1 * float(pooled.mean()), rel=1e-12)
+    per_layer = fit(model, x, y, "ekfac", damping_scope="layer", damping_factor=0.03)
+    dampings = set()
+    for layer in per_layer.layers.values():
+        assert layer.damping == pytest.approx(0.03 * float(layer.eigenvalues.mean()), rel=1e-12)
+        dampings.add(layer.damping)
+    assert len(dampings) == len(per_layer.layers)  # really one λ per layer
+    with pytest.raises(InfluenceError, match="damping_scope"):
+        fit(model, x, y, "ekfac", damping_scope="model")
     fixed = fit(model, x, y, "diagonal", damping=0.25)
     assert all(layer.damping == 0.25 for layer in fixed.layers.values())
     with pytest.raises(InfluenceError, match="damping"):

@@ -7,7 +7,6 @@ their own flattening code, independent of ParameterLayout and the capture machin
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
