@@ -160,7 +160,11 @@ class LissaConfig(_Strict):
 class InfluenceConfig(_Strict):
     strategy: str = "ekfac"
     damping: Union[float, str] = Field("auto", description="'auto' (damping_factor x the mean curvature eigenvalue) or a number")
-    damping_factor: float = Field(0.1, gt=0.0, description="damping: auto = this factor x the mean curvature eigenvalue")
+    damping_factor: Optional[float] = Field(
+        None, gt=0.0,
+        description="damping: auto = this factor x the mean curvature eigenvalue; null = the strategy's measured "
+        "default (0.1; exact and lissa 3)",
+    )
     damping_scope: Literal["global", "layer"] = Field(
         "global", description="damping: auto averages the eigenvalues of every layer (global: one lambda) or of each layer (layer)"
     )

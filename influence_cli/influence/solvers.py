@@ -35,6 +35,7 @@ from influence_cli.influence.curvature import (
 )
 from influence_cli.influence.factors import (
     AUTO_DAMPING_SCALE,
+    DEFAULT_DAMPING_FACTORS,
     FACTORS_FILE,
     FORMAT_VERSION,
     SOLVER_STRATEGIES,
@@ -61,7 +62,8 @@ __all__ = [
     "load_factors",
     "SOLVER_STRATEGIES",
     "LISSA_SCALE_MARGIN",
-    "AUTO_DAMPING_SCALE",  # damping "auto" = this × trace(K)/P, the same rule as factors
+    "AUTO_DAMPING_SCALE",
+    "SOLVER_DAMPING_FACTOR",  # damping "auto" = this × trace(K)/P (see factors.DEFAULT_DAMPING_FACTORS)
 ]
 
 # Solve in float64 when the float64 copy of the factor stays small (P² · 8 bytes).
@@ -75,6 +77,7 @@ _ROW_ELEMENTS = 16 * 1024 * 1024
 # of 64-example minibatches measured 1.42 × the full-data one on average and 2.54 × at
 # worst (20 batches), so 2 (tolerating 4×) leaves a factor ≈ 1.6 of slack; each doubling
 # of the margin doubles the depth needed, so it is not set higher.
+SOLVER_DAMPING_FACTOR = DEFAULT_DAMPING_FACTORS["exact"]
 LISSA_SCALE_MARGIN = 2.0
 # Divergence: a contracting recursion has ‖h_j‖ ≤ (j + 1)·‖v‖ (each Neumann term is at
 # most ‖v‖); allow 10× that for minibatch noise. A blow-up by a factor r per step passes
@@ -376,7 +379,7 @@ def fit_exact(
     modules: list[str] | dict[str, nn.Module] | None = None,
     curvature: str = "gauss_newton",
     damping: str | float = "auto",
-    damping_factor: float = AUTO_DAMPING_SCALE,
+    damping_factor: float = SOLVER_DAMPING_FACTOR,
     max_params: int = 20000,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -385,7 +388,7 @@ def fit_exact(
     """Dense curvature K (mean over the loader) of the tracked layers, factorised once.
 
     curvature: "gauss_newton" (PSD) or "hessian" (exact, may be indefinite).
-    damping: "auto" = damping_factor (AUTO_DAMPING_SCALE) × trace(K)/P (global), or a
+    damping: "auto" = damping_factor (3) × trace(K)/P (global), or a
         positive number.
     max_params: refuse (before any data pass) when P exceeds it; memory ≈ P²·8 bytes.
     dtype: storage dtype of the factor; K is built and factorised in float64.
@@ -713,7 +716,7 @@ def fit_lissa(
     modules: list[str] | dict[str, nn.Module] | None = None,
     curvature: str = "gauss_newton",
     damping: str | float = "auto",
-    damping_factor: float = AUTO_DAMPING_SCALE,
+    damping_factor: float = SOLVER_DAMPING_FACTOR,
     depth: int = 1000,
     scale: str | float = "auto",
     repeats: int = 1,
@@ -724,7 +727,7 @@ def fit_lissa(
 ) -> LissaSolver:
     """Resolve LiSSA's parameters on the training data; returns a bound solver.
 
-    damping "auto" = damping_factor (AUTO_DAMPING_SCALE) × trace(K)/P (as exact). scale "auto" =
+    damping "auto" = damping_factor (3) × trace(K)/P (as exact). scale "auto" =
     LISSA_SCALE_MARGIN × (λ_max + λ) with λ_max from a power iteration on the full
     data. depth: recursion steps per solve (each one minibatch product); convergence
     needs depth ≫ scale / (λ_min + λ). on_batch stages: "trace", "power-iteration".

@@ -29,7 +29,9 @@ from influence_cli.influence import (
     pairwise_scores,
     self_influence,
 )
+from influence_cli.influence.factors import DEFAULT_DAMPING_FACTORS
 from influence_cli.influence.modules import select_modules
+from influence_cli.influence.solvers import SOLVER_DAMPING_FACTOR
 from influence_helpers import batches, make_cnn, make_data, make_mlp, seeded
 
 F64 = torch.float64
@@ -171,7 +173,11 @@ def test_exact_auto_damping_is_scaled_mean_eigenvalue(setup):
     model, x, y = setup
     solver = fit_exact(model, batches(x, y, 6), dtype=F64)
     dense = dense_gn(model, x)
-    assert solver.damping == pytest.approx(0.1 * float(torch.trace(dense)) / dense.shape[0], rel=1e-10)
+    assert solver.damping == pytest.approx(SOLVER_DAMPING_FACTOR * float(torch.trace(dense)) / dense.shape[0], rel=1e-10)
+    assert SOLVER_DAMPING_FACTOR == DEFAULT_DAMPING_FACTORS["exact"] == DEFAULT_DAMPING_FACTORS["lissa"]
+    # through fit_factors: damping_factor None = the strategy default, a number overrides it
+    via = fit_factors(model, batches(x, y, 6), "exact", dtype=F64, damping_factor=0.5)
+    assert via.damping == pytest.approx(0.5 * float(torch.trace(dense)) / dense.shape[0], rel=1e-10)
 
 
 def test_exact_hessian_lu_fallback(monkeypatch):
@@ -312,7 +318,7 @@ def test_lissa_full_batch_matches_dense_solve_on_convex_model(convex):
     model, x, y = convex
     solver = fit_lissa(model, Loader(x, y, 50), depth=400, batch_size=10_000)
     k = dense_gn(model, x)
-    assert solver.damping == pytest.approx(0.1 * float(torch.trace(k)) / k.shape[0], rel=1e-10)
+    assert solver.damping == pytest.approx(SOLVER_DAMPING_FACTOR * float(torch.trace(k)) / k.shape[0], rel=1e-10)
     top = float(torch.linalg.eigvalsh(k)[-1])
     assert solver.lambda_max == pytest.approx(top, rel=1e-2) and solver.lambda_max <= top * (1 + 1e-9)
     v = torch.randn(5, k.shape[0], generator=torch.Generator().manual_seed(2), dtype=F64)
@@ -345,7 +351,7 @@ def test_lissa_on_plain_batch_list_and_hessian(convex):
     ref = torch.linalg.solve(k + solver.damping * torch.eye(k.shape[0], dtype=F64), v.T).T
     assert rel(solver.precondition_flat(v), ref) < 1e-2
     # Hutchinson trace: damping within 30% of 0.1 × mean eigenvalue.
-    assert solver.damping == pytest.approx(0.1 * float(torch.trace(k)) / k.shape[0], rel=0.3)
+    assert solver.damping == pytest.approx(SOLVER_DAMPING_FACTOR * float(torch.trace(k)) / k.shape[0], rel=0.3)
 
 
 def test_lissa_too_small_scale_diverges_with_advice(convex):
