@@ -140,7 +140,7 @@ class LissaConfig(_Strict):
     """Stochastic Neumann-series solver: (H + lambda I)^-1 v by `depth` minibatch steps."""
 
     curvature: Literal["gauss_newton", "hessian"] = "gauss_newton"
-    depth: int = Field(1000, ge=1, description="recursion steps per solve")
+    depth: int = Field(3000, ge=1, description="recursion steps per solve")
     scale: Union[float, str] = Field("auto", description="'auto' (from the largest curvature eigenvalue) or a number > 0")
     damping: Optional[Union[float, str]] = Field(None, description="null = influence.damping; 'auto' or a number > 0")
     repeats: int = Field(1, ge=1, description="independent solves averaged")

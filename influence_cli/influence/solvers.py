@@ -717,7 +717,7 @@ def fit_lissa(
     curvature: str = "gauss_newton",
     damping: str | float = "auto",
     damping_factor: float = SOLVER_DAMPING_FACTOR,
-    depth: int = 1000,
+    depth: int = 3000,
     scale: str | float = "auto",
     repeats: int = 1,
     batch_size: int = 64,
