@@ -188,17 +188,8 @@ class Factors:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Factors":
         """Load factors saved by :meth:`save`; FactorsError with one line if unusable."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
-        meta = cls.read_meta(directory)
-        path = directory / FACTORS_FILE
-        if not path.is_file():
-            raise FactorsError(f"no fitted factors at {directory} ({FACTORS_FILE} missing); run fit-factors")
-        try:
-            tensors = load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types
-            raise FactorsError(f"corrupt factors file {path}: {exc}; re-run fit-factors") from None
+        meta, tensors = read_stored(directory)
         try:
             layers: dict[str, LayerFactors] = {}
             for name, info in meta["modules"].items():
@@ -245,6 +236,22 @@ class Factors:
             model,
             {name: (layer.kind, layer.d_out, layer.d_in, layer.has_bias) for name, layer in self.layers.items()},
         )
+
+
+def read_stored(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(meta.json, tensors) of a stored strategy directory; FactorsError with one line
+    when either is missing or corrupt."""
+    from safetensors.torch import load_file
+
+    meta = Factors.read_meta(directory)
+    path = directory / FACTORS_FILE
+    if not path.is_file():
+        raise FactorsError(f"no fitted factors at {directory} ({FACTORS_FILE} missing); run fit-factors")
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types
+        raise FactorsError(f"corrupt factors file {path}: {exc}; re-run fit-factors") from None
+    return meta, tensors
 
 
 def merge_extra_meta(meta: dict[str, Any], extra_meta: dict[str, Any] | None) -> dict[str, Any]:
@@ -790,18 +797,21 @@ def _eigh_distributed(matrices: dict[Any, Tensor], dist: Any) -> dict[Any, tuple
 def bases_from_covariances(sums: CovarianceSums, dist: Any = None) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """{layer: (λ_S, Q_S, λ_A, Q_A)} from (merged) pass-1 sums: normalise, eigendecompose."""
     cov_a, cov_s = sums.normalised()
+    return _eigen_bases(cov_a, cov_s, dist)
+
+
+def _eigen_bases(
+    cov_a: dict[str, Tensor], cov_s: dict[str, Tensor], dist: Any = None
+) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """{layer: (λ_S, Q_S, λ_A, Q_A)}: every A and S eigendecomposed (spread over ranks)."""
     mats: dict[tuple[str, str], Tensor] = {}
     for name in cov_a:
         mats[(name, "activation (A)")] = cov_a[name]
         mats[(name, "output-gradient (S)")] = cov_s[name]
     eig = _eigh_all(mats, dist)
+    s_key, a_key = "output-gradient (S)", "activation (A)"
     return {
-        name: (
-            eig[(name, "output-gradient (S)")][0],
-            eig[(name, "output-gradient (S)")][1],
-            eig[(name, "activation (A)")][0],
-            eig[(name, "activation (A)")][1],
-        )
+        name: (eig[(name, s_key)][0], eig[(name, s_key)][1], eig[(name, a_key)][0], eig[(name, a_key)][1])
         for name in cov_a
     }
 
@@ -817,21 +827,7 @@ def _fit_kfac_bases(
 ) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor, Tensor]], int, list[BatchData] | None]:
     """Pass 1 + eigendecomposition: {layer: (λ_S, Q_S, λ_A, Q_A)}, example count, cache."""
     cov_a, cov_s, total, cache = _fit_covariances(ctx, cache_bytes)
-    mats: dict[tuple[str, str], Tensor] = {}
-    for name in cov_a:
-        mats[(name, "activation (A)")] = cov_a[name]
-        mats[(name, "output-gradient (S)")] = cov_s[name]
-    eig = _eigh_all(mats, ctx.dist)
-    bases = {
-        name: (
-            eig[(name, "output-gradient (S)")][0],
-            eig[(name, "output-gradient (S)")][1],
-            eig[(name, "activation (A)")][0],
-            eig[(name, "activation (A)")][1],
-        )
-        for name in cov_a
-    }
-    return bases, total, cache
+    return _eigen_bases(cov_a, cov_s, ctx.dist), total, cache
 
 
 def _replay(ctx: FitContext, cache: list[BatchData], stage: str):
@@ -1113,22 +1109,14 @@ def fit_factors(
         raise InfluenceError(
             f"unknown strategy {strategy!r}; available: {', '.join(sorted(available_strategies()))}"
         )
-    if fisher not in ("true", "empirical"):
-        raise InfluenceError(f"fisher must be 'true' or 'empirical', not {fisher!r}")
     spec = STRATEGIES[strategy]
     if spec.fixed_damping is None:
         _damping_value(damping, torch.ones(1), damping_factor)  # validate early, before any data pass
         if not (math.isfinite(float(damping_factor)) and float(damping_factor) > 0):
             raise InfluenceError(f"damping_factor must be a positive number, not {damping_factor!r}")
-    dev = resolve_device(model, device)
-    if any(p.device != dev for p in model.parameters()):
-        model.to(dev)
-    tracked = modules if isinstance(modules, dict) else select_modules(model, modules)
-    if not tracked:
-        raise InfluenceError("nothing to track: the module selection is empty")
     if damping_scope not in ("layer", "global"):
         raise InfluenceError(f"damping_scope must be 'layer' or 'global', not {damping_scope!r}")
-    ctx = FitContext(model, loader, tracked, dev, fisher, seed, on_batch, reference, cache_bytes, dist, amp)
+    ctx = _make_context(model, loader, fisher, modules, device, seed, on_batch, amp, reference, cache_bytes, dist)
     layers, total = spec.fit(ctx)
     return _finalise(strategy, layers, total, damping, fisher, dtype, damping_factor, damping_scope)
 
@@ -1176,10 +1164,12 @@ def _finalise(
 SHARDABLE = {"ekfac": ("covariance", "eigenvalues"), "kfac": ("covariance",), "diagonal": ("eigenvalues",), "identity": ()}
 
 
-def _shard_context(
+def _make_context(
     model: nn.Module, loader: Iterable, fisher: str, modules: Any, device: Any, seed: int,
-    on_batch: ProgressCallback | None, amp: str | None,
+    on_batch: ProgressCallback | None, amp: str | None, reference: bool = False, cache_bytes: int = 0,
+    dist: Any = None,
 ) -> FitContext:
+    """Validated fitting context: Fisher mode, the model on its device, the tracked layers."""
     if fisher not in ("true", "empirical"):
         raise InfluenceError(f"fisher must be 'true' or 'empirical', not {fisher!r}")
     dev = resolve_device(model, device)
@@ -1188,7 +1178,7 @@ def _shard_context(
     tracked = modules if isinstance(modules, dict) else select_modules(model, modules)
     if not tracked:
         raise InfluenceError("nothing to track: the module selection is empty")
-    return FitContext(model, loader, tracked, dev, fisher, seed, on_batch, False, 0, None, amp)
+    return FitContext(model, loader, tracked, dev, fisher, seed, on_batch, reference, cache_bytes, dist, amp)
 
 
 def covariance_sums(
@@ -1196,7 +1186,7 @@ def covariance_sums(
     seed: int = 0, on_batch: ProgressCallback | None = None, amp: str | None = None,
 ) -> CovarianceSums:
     """Pass 1 on this loader only, un-normalised (a shard's contribution)."""
-    ctx = _shard_context(model, loader, fisher, modules, device, seed, on_batch, amp)
+    ctx = _make_context(model, loader, fisher, modules, device, seed, on_batch, amp)
     return _covariance_sums(ctx, 0)[0]
 
 
@@ -1207,7 +1197,7 @@ def eigenvalue_sums(
 ) -> tuple[dict[str, Tensor], int]:
     """Pass 2 on this loader only, un-normalised: ({layer: Σ_i (Q_Sᵀ G_i Q_A)²}, examples).
     ``bases`` = {layer: (Q_S, Q_A)} (None = identity, the diagonal strategy)."""
-    ctx = _shard_context(model, loader, fisher, modules, device, seed, on_batch, amp)
+    ctx = _make_context(model, loader, fisher, modules, device, seed, on_batch, amp)
     return _eigenvalue_sums(ctx, bases)
 
 

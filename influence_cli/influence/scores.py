@@ -11,7 +11,7 @@ and g_i into the eigenbases once, then each batch is a single matmul per layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -455,18 +455,29 @@ def _stream_train(
 ) -> Tensor | TopInfluences:
     """One pass over the training set for one group of test rows."""
     num_test = next(iter(sides.values())).matrix.shape[0]
+    ws = Workspace()
+
+    def blocks() -> Iterator[Tensor]:
+        for _n, layers in _captured(
+            model, modules, iterate_batches(train_loader, dev), "loss", "scores", on_batch, amp
+        ):
+            total = None
+            for name, batch in layers.items():
+                part = _pair_scores(ops[name], sides[name], batch, ws)
+                total = part if total is None else total.add_(part)
+            yield total.T  # (T, n)
+
+    return _collect_scores(blocks(), num_test, top)
+
+
+def _collect_scores(blocks: Iterable[Tensor], num_test: int, top: int | None) -> Tensor | TopInfluences:
+    """The full (T, N) matrix from streamed (T, n) blocks, or a running top-k / bottom-k
+    per row with global training indices (memory independent of N)."""
     full: list[Tensor] = []
     best = worst = None
     offset = 0
-    ws = Workspace()
-    for n, layers in _captured(
-        model, modules, iterate_batches(train_loader, dev), "loss", "scores", on_batch, amp
-    ):
-        total = None
-        for name, batch in layers.items():
-            part = _pair_scores(ops[name], sides[name], batch, ws)
-            total = part if total is None else total.add_(part)
-        scores = total.T  # (T, n)
+    for scores in blocks:
+        n = scores.shape[1]
         if top is None:
             full.append(scores.cpu())
         else:
@@ -603,29 +614,17 @@ def _solver_pairwise(model, solver, train_loader, test_inputs, test_labels, meas
         side = layout.flatten({name: test_gradients[name] for name in modules})
         side = side.to(device=dev, dtype=model_dtype(model))
     num_test = side.shape[0]
-    full: list[Tensor] = []
-    best = worst = None
-    offset = 0
-    for n, flat in _flat_gradient_batches(
-        model, modules, layout, iterate_batches(train_loader, dev), "loss", "scores", on_batch
-    ):
-        scores = side @ flat.T  # (T, n)
-        if top is None:
-            full.append(scores.cpu())
-        else:
-            idx = torch.arange(offset, offset + n, device=scores.device).expand(num_test, n)
-            best = _merge_top(best, scores, idx, top, largest=True)
-            worst = _merge_top(worst, scores, idx, top, largest=False)
-        offset += n
-    if offset == 0:
-        raise InfluenceError("the training data loader yielded no examples")
+    blocks = (
+        side @ flat.T  # (T, n)
+        for _n, flat in _flat_gradient_batches(
+            model, modules, layout, iterate_batches(train_loader, dev), "loss", "scores", on_batch
+        )
+    )
+    merged = _collect_scores(blocks, num_test, top)
     if top is None:
-        result = torch.cat(full, dim=1)
-        if not bool(torch.isfinite(result).all()):
+        if not bool(torch.isfinite(merged).all()):
             raise InfluenceError("influence scores are not finite (check the damping and inputs)")
-        return result
-    assert best is not None and worst is not None
-    merged = TopInfluences(best[0].cpu(), best[1].cpu(), worst[0].cpu(), worst[1].cpu())
+        return merged
     if not (bool(torch.isfinite(merged.proponent_scores).all()) and bool(torch.isfinite(merged.opponent_scores).all())):
         raise InfluenceError("influence scores are not finite (check the damping and inputs)")
     return merged

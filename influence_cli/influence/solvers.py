@@ -36,7 +36,6 @@ from influence_cli.influence.curvature import (
 from influence_cli.influence.factors import (
     AUTO_DAMPING_SCALE,
     DEFAULT_DAMPING_FACTORS,
-    FACTORS_FILE,
     FORMAT_VERSION,
     SOLVER_STRATEGIES,
     STRATEGIES,
@@ -47,6 +46,7 @@ from influence_cli.influence.factors import (
     _damping_value,
     atomic_save,
     check_tracked,
+    read_stored,
     iterate_batches,
     merge_extra_meta,
     resolve_device,
@@ -128,22 +128,13 @@ def _base_meta(strategy: str, layout_meta: dict[str, Any], num_examples: int, da
 
 
 def _read(directory: str | os.PathLike, strategy: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     meta = Factors.read_meta(directory)
     if meta.get("strategy") != strategy:
         raise FactorsError(
             f"factors at {directory} are {meta.get('strategy')!r}, not {strategy!r}; use load_factors"
         )
-    path = directory / FACTORS_FILE
-    if not path.is_file():
-        raise FactorsError(f"no fitted factors at {directory} ({FACTORS_FILE} missing); run fit-factors")
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except Exception as exc:  # safetensors raises its own error types
-        raise FactorsError(f"corrupt factors file {path}: {exc}; re-run fit-factors") from None
-    return meta, tensors
+    return read_stored(directory)
 
 
 def _modules_info(meta: dict[str, Any]) -> dict[str, tuple[str, int, int, bool]]:
