@@ -190,7 +190,8 @@ def fit_factors_command(
     if fstate.reused:
         err.print(f"factors: reusing {escape(str(fstate.directory))} (still valid; --overwrite refits)", highlight=False)
     else:
-        layers = len(fstate.factors.layers)
+        factors = fstate.factors
+        layers = len(getattr(factors, "layers", None) or getattr(factors, "modules_info", {}))
         err.print(
             f"factors: fitted {strategy} for {layers} layers in {fstate.seconds:.1f} s → {escape(str(fstate.directory))}",
             highlight=False,
