@@ -22,6 +22,12 @@ from influence_cli.progress import Reporter
 DEFAULT = ["identity", "diagonal", "kfac", "ekfac", "exact", "lissa"]
 
 
+def seconds(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
+
+
 def cell(entry: dict, key: str, digits: int = 3) -> str:
     value = entry.get(key)
     return "—" if value is None else f"{value:.{digits}f}"
@@ -55,10 +61,10 @@ def main() -> None:
                 notes.append(f"K={k} {name}: {reason}")
                 continue
             lds_text = f"{lds_entry['mean']:.3f} ± {lds_entry['stderr']:.3f}" if lds_entry else "—"
-            lds_time = f"{lds_entry['seconds']:.1f} s" if lds_entry else "—"
+            lds_time = seconds(lds_entry.get("seconds")) if lds_entry else "—"
             print(
                 f"| {k} | {name} | {lds_text} | {lds_time} | {cell(det, 'auroc')} | {cell(det, 'average_precision')} | "
-                f"{cell(det, 'precision_at_k')} | {cell(det, 'recall_at_10pct')} | {det.get('seconds', 0):.1f} s |"
+                f"{cell(det, 'precision_at_k')} | {cell(det, 'recall_at_10pct')} | {seconds(det.get('seconds'))} |"
             )
         rt = lds["retraining"]
         notes.append(
