@@ -261,3 +261,34 @@ def test_amp_autocast_runs_on_cpu_and_is_part_of_the_hash():
     s_half = self_influence(model, half, loader, amp="bfloat16")
     assert s_half.dtype == torch.float32
     assert np.corrcoef(s_full.numpy(), s_half.numpy())[0, 1] > 0.95
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this python")
+def test_torchrun_ensemble_and_exact_match_single_process(tmp_path):
+    """Ensemble members and the dense solver under torchrun: each member's scores are
+    gathered over the ranks; exact is fitted once on rank 0 and loaded by the others."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "influence": {"batch_size": 32, "ensemble": 2}}))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    for strategy in ("ekfac", "exact"):
+        single = tmp_path / f"single-{strategy}"
+        result = cli("self-influence", "-c", str(config), "-s", strategy, "--set", f"output.dir={single}")
+        assert result.exit_code == 0, result.output
+        dist = tmp_path / f"dist-{strategy}"
+        for member in ("", "ensemble/member-1/"):  # the same trained weights for both runs
+            target = dist / "tiny-dist" / member
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("checkpoint.safetensors", "train.json"):
+                shutil.copy(single / "tiny-dist" / member / name, target / name)
+        cmd = [
+            str(TORCHRUN), "--nproc_per_node", "2", "--nnodes", "1", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), "-m", "influence_cli", "self-influence", "-s", strategy,
+            "-c", str(config), "--set", f"output.dir={dist}",
+        ]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        a = pd.read_csv(single / "tiny-dist" / "self_influence.csv").sort_values("index")
+        b = pd.read_csv(dist / "tiny-dist" / "self_influence.csv").sort_values("index")
+        assert rel(a["self_influence"].to_numpy(), b["self_influence"].to_numpy()) <= TOL, strategy
+        assert list(a["predicted"]) == list(b["predicted"])
