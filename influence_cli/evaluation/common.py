@@ -7,9 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
-import numpy as np
 
-from influence_cli.audit.report import jsonable as json_safe  # one JSON-cleaning rule for every file we write
+from influence_cli.audit.report import jsonable as json_safe  # noqa: F401  (re-exported: one JSON-cleaning rule for every file we write)
 
 from influence_cli.errors import FactorsError, InflError
 

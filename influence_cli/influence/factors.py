@@ -421,13 +421,8 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 def iterate_batches(loader: Iterable, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
     """(inputs, labels) on ``device`` from batches whose first two items are those."""
-    for batch in loader:
-        if isinstance(batch, dict):
-            raise InfluenceError("batches must be (inputs, labels, ...) sequences, not dicts")
-        inputs, labels = batch[0], batch[1]
-        if not isinstance(labels, Tensor):
-            labels = torch.as_tensor(labels)
-        yield inputs.to(device, non_blocking=True), labels.to(device=device, dtype=torch.long)
+    for inputs, labels, _index in iterate_indexed_batches(loader, device):
+        yield inputs, labels
 
 
 def autocast(device: torch.device, amp: str | None):

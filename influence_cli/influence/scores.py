@@ -165,6 +165,11 @@ def self_influence(
             part = _self_scores(ops[name], batch, ws)
             total = part if total is None else total.add_(part)
         results.append(total.cpu())
+    return _finite_self_scores(results)
+
+
+def _finite_self_scores(results: list[Tensor]) -> Tensor:
+    """The concatenated per-batch self-influence, refused when empty or non-finite."""
     if not results:
         raise InfluenceError("the data loader yielded no examples")
     scores = torch.cat(results)
@@ -576,12 +581,7 @@ def _solver_self_influence(model, solver, loader, device, on_batch) -> Tensor:
         if rows >= _SOLVER_CHUNK_ROWS:
             flush()
     flush()
-    if not results:
-        raise InfluenceError("the data loader yielded no examples")
-    scores = torch.cat(results)
-    if not bool(torch.isfinite(scores).all()):
-        raise InfluenceError("self-influence produced non-finite values (check the damping and inputs)")
-    return scores
+    return _finite_self_scores(results)
 
 
 def _solver_test_side(model, modules, layout, solver, test_inputs, test_labels, measurement,
