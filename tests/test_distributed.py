@@ -292,3 +292,33 @@ def test_torchrun_ensemble_and_exact_match_single_process(tmp_path):
         b = pd.read_csv(dist / "tiny-dist" / "self_influence.csv").sort_values("index")
         assert rel(a["self_influence"].to_numpy(), b["self_influence"].to_numpy()) <= TOL, strategy
         assert list(a["predicted"]) == list(b["predicted"])
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this python")
+def test_torchrun_lds_deals_out_the_retrainings(tmp_path):
+    """evaluate --lds under torchrun: every retraining runs once, on one rank; the result
+    equals the single-process one."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    args = ["evaluate", "--lds", "--subsets", "6", "--test-rows", "5", "-s", "ekfac", "-c", str(config)]
+    single = tmp_path / "single"
+    result = cli(*args, "--set", f"output.dir={single}")
+    assert result.exit_code == 0, result.output
+    dist = tmp_path / "dist"
+    target = dist / "tiny-dist"
+    target.mkdir(parents=True)
+    for name in ("checkpoint.safetensors", "train.json"):
+        shutil.copy(single / "tiny-dist" / name, target / name)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    cmd = [
+        str(TORCHRUN), "--nproc_per_node", "2", "--nnodes", "1", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), "-m", "influence_cli", *args, "--set", f"output.dir={dist}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = json.loads((single / "tiny-dist" / "lds.json").read_text())
+    b = json.loads((target / "lds.json").read_text())
+    assert b["retraining"]["trained_now"] == 6 and b["retraining"]["reused"] == 0
+    assert len(list((target / "lds").glob("*.json"))) == 6
+    assert b["strategies"]["ekfac"]["mean"] == pytest.approx(a["strategies"]["ekfac"]["mean"], abs=1e-5)

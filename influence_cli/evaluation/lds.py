@@ -181,54 +181,83 @@ def evaluate_lds(
     seconds_now = 0.0
     seconds_recorded = 0.0
     quiet = Reporter()  # train_model's own bar would nest inside ours
-    with reporter.task("retraining subsets", subsets * seeds) as advance:
-        for r in range(subsets):
-            idx = subset_indices(config.seed, r, n, size)
-            membership[r, idx] = True
-            for s in range(seeds):
+    def cache_path(r: int, s: int, idx: np.ndarray) -> Any:
+        key = hash_object(
+            {
+                "training_hash": base_hash,
+                "subset": idx.tolist(),
+                "seed": retrain_seed(config.seed, r, s),
+                "measurement": measurement,
+                "test_rows": test_ids,
+            }
+        )
+        return cache_dir / f"{key}.json"
+
+    def cached_values(path: Any) -> tuple[Optional[np.ndarray], float]:
+        cached = read_json(path)
+        values = cached.get("values") if cached else None
+        if isinstance(values, list) and len(values) == t_count and all(v is not None for v in values):
+            return np.asarray(values, dtype=np.float64), float(cached.get("train_seconds") or 0.0)
+        return None, 0.0
+
+    # Under torchrun the retrainings are dealt out to the ranks (job j on rank j mod world);
+    # each writes its results to the cache, and after a barrier every rank reads them all.
+    dist = session.dist
+    jobs = [(r, s) for r in range(subsets) for s in range(seeds)]
+    subset_idx = [subset_indices(config.seed, r, n, size) for r in range(subsets)]
+    for r, idx in enumerate(subset_idx):
+        membership[r, idx] = True
+    done = np.zeros((subsets, seeds), dtype=bool)
+    with reporter.task("retraining subsets", len(jobs)) as advance:
+        for j, (r, s) in enumerate(jobs):
+            if dist.active and j % dist.world_size != dist.rank:
+                continue
+            idx = subset_idx[r]
+            path = cache_path(r, s, idx)
+            values_np, recorded = cached_values(path)
+            if values_np is not None:
+                measured[r, s] = values_np
+                seconds_recorded += recorded
+                reused += 1
+            else:
                 seed = retrain_seed(config.seed, r, s)
-                key = hash_object(
+                start = time.perf_counter()
+                model = build_model(config.model, tuple(data.input_shape), len(data.class_names), seed=seed)
+                train_model(model, data.train.subset(idx), config.train, seed=seed, device=device, reporter=quiet)
+                model.cpu()
+                values_np = measure(model, test_x, test_y, measurement)
+                elapsed = time.perf_counter() - start
+                if not np.all(np.isfinite(values_np)):
+                    raise InflError(f"evaluate --lds: retraining on subset {r} gave non-finite {measurement}es; lower train.lr")
+                atomic_write_json(
+                    path,
                     {
-                        "training_hash": base_hash,
-                        "subset": idx.tolist(),
+                        "subset": r,
                         "seed": seed,
                         "measurement": measurement,
-                        "test_rows": test_ids,
-                    }
+                        "training_hash": base_hash,
+                        "subset_size": size,
+                        "train_seconds": elapsed,
+                        "values": values_np.tolist(),
+                    },
                 )
-                path = cache_dir / f"{key}.json"
-                cached = read_json(path)
-                values = cached.get("values") if cached else None
-                if isinstance(values, list) and len(values) == t_count and all(v is not None for v in values):
-                    measured[r, s] = np.asarray(values, dtype=np.float64)
-                    seconds_recorded += float(cached.get("train_seconds") or 0.0)
-                    reused += 1
-                else:
-                    start = time.perf_counter()
-                    model = build_model(config.model, tuple(data.input_shape), len(data.class_names), seed=seed)
-                    train_model(model, data.train.subset(idx), config.train, seed=seed, device=device, reporter=quiet)
-                    model.cpu()
-                    values_np = measure(model, test_x, test_y, measurement)
-                    elapsed = time.perf_counter() - start
-                    if not np.all(np.isfinite(values_np)):
-                        raise InflError(f"evaluate --lds: retraining on subset {r} gave non-finite {measurement}es; lower train.lr")
-                    atomic_write_json(
-                        path,
-                        {
-                            "subset": r,
-                            "seed": seed,
-                            "measurement": measurement,
-                            "training_hash": base_hash,
-                            "subset_size": size,
-                            "train_seconds": elapsed,
-                            "values": values_np.tolist(),
-                        },
-                    )
-                    measured[r, s] = values_np
-                    seconds_now += elapsed
-                    seconds_recorded += elapsed
-                    retrained += 1
-                advance(1)
+                measured[r, s] = values_np
+                seconds_now += elapsed
+                seconds_recorded += elapsed
+                retrained += 1
+            done[r, s] = True
+            advance(dist.world_size if dist.active else 1)
+    if dist.active:
+        dist.barrier()
+        for r, s in jobs:
+            if not done[r, s]:
+                values_np, _ = cached_values(cache_path(r, s, subset_idx[r]))
+                if values_np is None:
+                    raise InflError(f"evaluate --lds: another rank's retraining of subset {r} is missing from {cache_dir}")
+                measured[r, s] = values_np
+        totals = dist.all_reduce_sum(torch.tensor([retrained, reused, seconds_now, seconds_recorded], dtype=torch.float64))
+        retrained, reused = int(round(float(totals[0]))), int(round(float(totals[1])))
+        seconds_now, seconds_recorded = float(totals[2]), float(totals[3])
     mean_measured = measured.mean(axis=1).T  # (T, R)
 
     # ---------------------------------------------------------------- scoring
