@@ -434,7 +434,9 @@ def evaluate(
 ) -> None:
     """Check how far to trust the rankings on your own data: injected-noise detection and LDS.
 
-    Writes runs/<name>-noise<F>-<kind>/evaluation.json and runs/<name>/lds.json.
+    Writes runs/<name>-noise<F>-<kind>/evaluation.json and runs/<name>/lds.json. Every
+    strategy is evaluated unless -s is given (lissa only when named: it is slow); add
+    --set influence.ensemble=3 to evaluate 3-model ensembles.
     """
     from influence_cli.evaluation import run_evaluate
 
