@@ -201,17 +201,21 @@ class InfluenceConfig(_Strict):
     def _device(cls, value: str) -> str:
         return _check_device(value)
 
-    @field_validator("ensemble")
+    @field_validator("ensemble", mode="before")
     @classmethod
-    def _ensemble(cls, value: Union[int, list[str]]) -> Union[int, list[str]]:
+    def _ensemble(cls, value: Any) -> Union[int, list[str]]:
+        # before pydantic's union, so a bad value gets one message in the config's terms
+        wrong = "must be a number of models >= 1 or a list of checkpoint paths"
         if isinstance(value, int) and not isinstance(value, bool):
             if value < 1:
-                raise ValueError("must be a number of models >= 1 or a list of checkpoint paths")
+                raise ValueError(wrong)
         elif isinstance(value, list):
             if not value:
                 raise ValueError("the checkpoint list is empty; give at least one path or a number of models")
+            if not all(isinstance(item, str) and item for item in value):
+                raise ValueError("every entry of the checkpoint list must be a file path")
         else:
-            raise ValueError("must be a number of models >= 1 or a list of checkpoint paths")
+            raise ValueError(wrong)
         return value
 
     def ensemble_size(self) -> int:
