@@ -435,18 +435,24 @@ def warn_solver_limits(session: Session, factors: Any, *, per_example: bool) -> 
         )
 
 
-def members_self_influence(members: list[Member], strategy: str) -> tuple[np.ndarray, list[FactorsState]]:
+def members_factors(members: list[Member], strategy: str) -> list[FactorsState]:
+    """Every member's valid factors (reused, or refitted when stale)."""
+    return [ensure_factors(m.session, m.state, strategy, refit_stale=True) for m in members]
+
+
+def members_self_influence(
+    members: list[Member], strategy: str, fstates: Optional[list[FactorsState]] = None
+) -> tuple[np.ndarray, list[FactorsState]]:
     """Self-influence averaged over the ensemble members, float64, in training order
-    (under torchrun each rank scores its block and every rank gets the whole vector)."""
+    (under torchrun each rank scores its block and every rank gets the whole vector).
+    ``fstates``: the members' factors when the caller already holds them."""
+    fstates = fstates or members_factors(members, strategy)
     total: Optional[np.ndarray] = None
-    fstates = []
-    for member in members:
-        fstate = ensure_factors(member.session, member.state, strategy, refit_stale=True)
+    for member, fstate in zip(members, fstates):
         warn_solver_limits(member.session, fstate.factors, per_example=True)
         scores = self_influence_scores(member.session, member.state.model, fstate.factors)
         values = scores.double().numpy()
         total = values if total is None else total + values
-        fstates.append(fstate)
     assert total is not None
     return total / len(members), fstates
 
@@ -468,6 +474,7 @@ def members_pairwise(
     *,
     measurement: str = "loss",
     top: Optional[int] = None,
+    fstates: Optional[list[FactorsState]] = None,
 ) -> Any:
     """score(t, i) averaged over the ensemble: the (T, N) matrix, or TopInfluences when
     ``top`` is given. One member streams with a running top-k; an ensemble needs each
@@ -475,10 +482,10 @@ def members_pairwise(
     rank scores its block of training columns and the blocks are gathered."""
     from influence_cli.influence.scores import TopInfluences
 
+    fstates = fstates or members_factors(members, strategy)
     total = None
-    for member in members:
+    for member, fstate in zip(members, fstates):
         session = member.session
-        fstate = ensure_factors(session, member.state, strategy, refit_stale=True)
         warn_solver_limits(session, fstate.factors, per_example=False)
         member_top = top if len(members) == 1 else None
         result = pairwise_block(
@@ -528,14 +535,14 @@ def run_self_influence(session: Session, strategy: Optional[str] = None) -> Self
 
 
 def finish_self_influence(
-    session: Session, scores: Any, members: list[Member], fstates: list[Any], strategy: str, start: float
+    session: Session, scores: np.ndarray, members: list[Member], fstates: list[Any], strategy: str, start: float
 ) -> SelfInfluenceResult:
     """Rank, flag and write the CSVs (rank 0 only) from the self-influence of every example."""
     from influence_cli.audit.ranking import build_ranking, class_summary
     from influence_cli.audit.report import write_csv, write_json
 
     config, run = session.config, session.run
-    scores_np = scores.detach().cpu().double().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores, np.float64)
+    scores_np = np.asarray(scores, dtype=np.float64)
     if not np.all(np.isfinite(scores_np)):
         raise InflError("self-influence produced non-finite values: set influence.damping to a larger number")
     data = session.data()

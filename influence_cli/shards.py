@@ -325,7 +325,7 @@ def _merge_self_influence(session: Any, state: Any, strategy: str, n: int) -> di
     from influence_cli.pipeline import FactorsState
 
     fstate = FactorsState(factors, True, 0.0, session.run.factors_dir(strategy))
-    result = finish_self_influence(session, scores, [Member(session, state)], [fstate], strategy, start)
+    result = finish_self_influence(session, scores.double().numpy(), [Member(session, state)], [fstate], strategy, start)
     return {"stage": f"self-influence-{strategy}", "shards": len(shards), "result": result,
             "outputs": [session.run.self_influence_csv, session.run.mislabels_csv]}
 

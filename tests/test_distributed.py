@@ -153,7 +153,7 @@ def test_torchrun_two_gloo_processes_match_single_process(single):
             "--master_port", str(free_port()), "-m", "influence_cli", *args,
             "-c", str(root / "tiny.yaml"), "--set", f"output.dir={out}",
         ]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         # Only rank 0 prints its summary line.
         assert proc.stderr.count("203 examples" if args[0] == "self-influence" else "test rows scored") == 1
@@ -286,7 +286,7 @@ def test_torchrun_ensemble_and_exact_match_single_process(tmp_path):
             "--master_port", str(free_port()), "-m", "influence_cli", "self-influence", "-s", strategy,
             "-c", str(config), "--set", f"output.dir={dist}",
         ]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         a = pd.read_csv(single / "tiny-dist" / "self_influence.csv").sort_values("index")
         b = pd.read_csv(dist / "tiny-dist" / "self_influence.csv").sort_values("index")
@@ -315,7 +315,7 @@ def test_torchrun_lds_deals_out_the_retrainings(tmp_path):
         str(TORCHRUN), "--nproc_per_node", "2", "--nnodes", "1", "--master_addr", "127.0.0.1",
         "--master_port", str(free_port()), "-m", "influence_cli", *args, "--set", f"output.dir={dist}",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     a = json.loads((single / "tiny-dist" / "lds.json").read_text())
     b = json.loads((target / "lds.json").read_text())

@@ -50,7 +50,7 @@ def resolve_strategies(strategies: Optional[Iterable[str]]) -> list[str]:
 
 @dataclass
 class TimedFactors:
-    factors: Any
+    state: Any  # the pipeline's FactorsState (its .factors), scored without loading again
     fit_seconds: float  # time to fit them (now, or as recorded when they were stored)
     reused: bool
 
@@ -65,13 +65,13 @@ def timed_factors(session: Any, state: Any, strategy: str) -> TimedFactors:
 
     fstate = ensure_factors(session, state, strategy, refit_stale=True)
     if not fstate.reused:
-        return TimedFactors(fstate.factors, float(fstate.seconds), False)
+        return TimedFactors(fstate, float(fstate.seconds), False)
     try:
         recorded = Factors.read_meta(fstate.directory).get("fit_seconds")
     except FactorsError:
         recorded = None
     seconds = float(recorded) if isinstance(recorded, (int, float)) else float(fstate.seconds)
-    return TimedFactors(fstate.factors, seconds, True)
+    return TimedFactors(fstate, seconds, True)
 
 
 class Stopwatch:

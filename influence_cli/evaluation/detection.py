@@ -165,13 +165,14 @@ def evaluate_noise_detection(
     rankings: dict[str, dict[str, Any]] = {}
     for name in names:
         try:
-            fit_seconds, factors_reused = 0.0, True
+            fit_seconds, factors_reused, fstates = 0.0, True, []
             for member in members:  # fit (or reuse) first, so the scoring time is scoring only
                 tf = timed_factors(member.session, member.state, name)
                 fit_seconds += tf.fit_seconds
                 factors_reused = factors_reused and tf.reused
+                fstates.append(tf.state)
             start = time.perf_counter()
-            values, _ = members_self_influence(members, name)
+            values, _ = members_self_influence(members, name, fstates=fstates)
             score_seconds = time.perf_counter() - start
         except InflError as exc:  # InfluenceError, FactorsError, ... are InflErrors
             rankings[name] = {"type": "strategy", "skipped": str(exc)}

@@ -264,13 +264,14 @@ def evaluate_lds(
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         try:
-            fit_seconds, factors_reused = 0.0, True
+            fit_seconds, factors_reused, fstates = 0.0, True, []
             for member in members:
                 tf = timed_factors(member.session, member.state, name)
                 fit_seconds += tf.fit_seconds
                 factors_reused = factors_reused and tf.reused
+                fstates.append(tf.state)
             start = time.perf_counter()
-            matrix = members_pairwise(members, name, test_x, test_y, measurement=measurement, top=None)
+            matrix = members_pairwise(members, name, test_x, test_y, measurement=measurement, top=None, fstates=fstates)
             score_seconds = time.perf_counter() - start
         except FactorsError:
             raise
