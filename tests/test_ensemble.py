@@ -120,6 +120,10 @@ def test_ensemble_config_errors(tmp_path):
         config_from_dict(synthetic_config(tmp_path, ensemble=0))
     with pytest.raises(ConfigError, match="influence.ensemble"):
         config_from_dict(synthetic_config(tmp_path, ensemble=[]))
+    with pytest.raises(ConfigError, match=r"influence\.ensemble: must be a number of models >= 1 or a list"):
+        config_from_dict(synthetic_config(tmp_path, ensemble="abc"))
+    with pytest.raises(ConfigError, match="must be a file path"):
+        config_from_dict(synthetic_config(tmp_path, ensemble=[1, 2]))
     both = synthetic_config(tmp_path, ensemble=["a.pt", "b.pt"])
     both["model"]["checkpoint"] = "a.pt"
     with pytest.raises(ConfigError, match="remove model.checkpoint"):
