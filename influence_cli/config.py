@@ -286,6 +286,19 @@ class Config(_Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def to_replay_yaml(self) -> str:
+        """The config as YAML with every relative path made absolute, so the copy saved in a
+        run folder replays from anywhere (``infl self-influence -c runs/<name>/config.yaml``)."""
+        dumped = self.model_dump(mode="json")
+        for section, keys in (("data", ("root", "path", "train_path", "test_path")), ("model", ("checkpoint", "factory_path"))):
+            for key in keys:
+                if dumped[section].get(key):
+                    dumped[section][key] = str(self.resolve_path(dumped[section][key]).resolve())
+        if isinstance(dumped["influence"]["ensemble"], list):
+            dumped["influence"]["ensemble"] = [str(self.resolve_path(p).resolve()) for p in dumped["influence"]["ensemble"]]
+        dumped["output"]["dir"] = str(Path(dumped["output"]["dir"]).expanduser().resolve())
+        return yaml.safe_dump(dumped, sort_keys=False)
+
 
 def _check_device(value: str) -> str:
     if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):

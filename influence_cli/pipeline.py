@@ -78,6 +78,21 @@ class Session:
             self.datasets = build_datasets(self.config)
         return self.datasets
 
+    def data_fingerprint(self) -> str:
+        """Content hash of the training split this command uses (cache keys include it)."""
+        return self.data().fingerprint("train")
+
+    def influence_hash(self, strategy: str) -> str:
+        return influence_hash(self.config, strategy, self.data_fingerprint())
+
+    def factors_want(self, state: "ModelState", strategy: str) -> dict[str, Any]:
+        """What stored factors must have been fitted for: this checkpoint, settings and data."""
+        return {
+            "checkpoint_hash": state.checkpoint_hash,
+            "influence_hash": self.influence_hash(strategy),
+            "data": self.data().data_identity(),
+        }
+
 
 # ----------------------------------------------------------------------------- model
 
@@ -89,8 +104,8 @@ def member_checkpoint(config: Config, member: int) -> Optional[str]:
     return config.model.checkpoint if member == 0 else None
 
 
-def member_training_hash(config: Config, member: int) -> str:
-    base = training_hash(config)
+def member_training_hash(config: Config, member: int, data_fingerprint: str) -> str:
+    base = training_hash(config, data_fingerprint)
     return base if member == 0 else hash_object({"training_hash": base, "ensemble_member": member})
 
 
@@ -145,20 +160,16 @@ def _ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
         info["checkpoint"] = str(path)
     else:
         meta = read_json(run.train_meta)
-        want = member_training_hash(config, session.member)
-        valid = (
-            not retrain
-            and meta is not None
-            and meta.get("training_hash") == want
-            and run.checkpoint.is_file()
-            and meta.get("checkpoint_hash") == hash_file(run.checkpoint)
-        )
-        if valid:
+        want = member_training_hash(config, session.member, data.fingerprint("train"))
+        problem = None if retrain else checkpoint_problem(run, meta, want, data.data_identity())
+        if problem is None and not retrain:
             load_checkpoint(model, run.checkpoint)
             checkpoint_hash = meta["checkpoint_hash"]  # type: ignore[index]
             info = dict(meta)  # type: ignore[arg-type]
         else:
             run.ensure()
+            if problem is not None and meta is not None:
+                reporter.info(f"checkpoint in {run.root}: {problem}; retraining")
             if session.member:
                 reporter.info(f"ensemble: training member {session.member + 1} of {config.influence.ensemble_size()}")
             stats = train_model(
@@ -168,7 +179,7 @@ def _ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
             save_checkpoint(model, run.checkpoint)
             checkpoint_hash = hash_file(run.checkpoint)
             trained_now = True
-            info = {"training_hash": want, "checkpoint_hash": checkpoint_hash, **stats}
+            info = {"training_hash": want, "checkpoint_hash": checkpoint_hash, "data": data.data_identity(), **stats}
     model.eval()
     train_probs = predict_probs(model, data.train)
     test_probs = predict_probs(model, data.test)
@@ -177,8 +188,24 @@ def _ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
     if trained_now:
         info.update({"train_accuracy": train_acc, "test_accuracy": test_acc, "version": __version__})
         atomic_write_json(run.train_meta, info)
-        atomic_write_text(run.resolved_config, config.to_yaml())
+        atomic_write_text(run.resolved_config, config.to_replay_yaml())
     return ModelState(model, checkpoint_hash, trained_now, train_acc, test_acc, info)
+
+
+def checkpoint_problem(run: RunDir, meta: Optional[dict[str, Any]], want: str, data: dict[str, Any]) -> Optional[str]:
+    """Why the stored checkpoint cannot be reused, or None when it is valid."""
+    from influence_cli.data.fingerprint import describe_change
+
+    if meta is None or not run.checkpoint.is_file():
+        return "no trained checkpoint"
+    stored = meta.get("data") if isinstance(meta.get("data"), dict) else None
+    if stored is None or stored.get("fingerprint") != data["fingerprint"]:
+        return describe_change(stored, data)
+    if meta.get("training_hash") != want:
+        return "the data, model or train settings of the config changed"
+    if meta.get("checkpoint_hash") != hash_file(run.checkpoint):
+        return "the checkpoint file does not match train.json (edited or half-written)"
+    return None
 
 
 # ----------------------------------------------------------------------------- data shards
@@ -243,8 +270,9 @@ def influence_dtype(config: Config) -> torch.dtype:
     return torch.float64 if config.influence.dtype == "float64" else torch.float32
 
 
-def stale_reason(directory: Any, want: dict[str, str]) -> Optional[str]:
+def stale_reason(directory: Any, want: dict[str, Any]) -> Optional[str]:
     """Why stored factors cannot be used, or None when they are valid."""
+    from influence_cli.data.fingerprint import describe_change
     from influence_cli.influence.factors import Factors
 
     if not (directory / "meta.json").is_file():
@@ -253,6 +281,9 @@ def stale_reason(directory: Any, want: dict[str, str]) -> Optional[str]:
         meta = Factors.read_meta(directory)
     except FactorsError:
         return "incomplete or unreadable factors"
+    stored = meta.get("data") if isinstance(meta.get("data"), dict) else None
+    if "data" in want and (stored is None or stored.get("fingerprint") != want["data"]["fingerprint"]):
+        return f"{describe_change(stored, want['data'])} since the factors were fitted"
     if meta.get("checkpoint_hash") != want["checkpoint_hash"]:
         return "factors were fitted for a different checkpoint"
     if meta.get("influence_hash") != want["influence_hash"]:
@@ -283,7 +314,7 @@ def ensure_factors(
 
     config, run, reporter = session.config, session.run, session.reporter
     directory = run.factors_dir(strategy)
-    want = {"checkpoint_hash": state.checkpoint_hash, "influence_hash": influence_hash(config, strategy)}
+    want = session.factors_want(state, strategy)
     if directory.exists() and not overwrite:
         problem = stale_reason(directory, want)
         if problem is None:
@@ -359,7 +390,7 @@ def existing_factors(session: Session, state: ModelState, strategy: str, command
     from influence_cli.influence.solvers import load_factors
 
     directory = session.run.factors_dir(strategy)
-    want = {"checkpoint_hash": state.checkpoint_hash, "influence_hash": influence_hash(session.config, strategy)}
+    want = session.factors_want(state, strategy)
     problem = stale_reason(directory, want) if directory.exists() else "no fitted factors"
     if problem is not None:
         raise FactorsError(
@@ -788,6 +819,11 @@ def run_check(
 
     config = session.config
     baseline_ids = read_baseline(Path(baseline)) if baseline else None
+    if baseline and config.data.source == "table" and config.data.id_column is None:
+        session.reporter.warn(
+            "--baseline: data.id_column is not set, so table ids are row numbers; inserting or deleting a row "
+            "shifts every id and the baseline stops matching: add an id column and set data.id_column"
+        )
     if max_flagged_fraction is None and max_flagged is None:
         max_flagged_fraction = config.audit.check.max_flagged_fraction
         max_flagged = config.audit.check.max_flagged

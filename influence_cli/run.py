@@ -36,22 +36,43 @@ def hash_file(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def training_hash(config: Config) -> str:
-    """Hash of everything that determines the trained weights."""
-    dumped = config.model_dump(mode="json")
-    return hash_object({k: dumped[k] for k in ("seed", "data", "model", "train")})
+# Where the data and the code live is not what they are: the content fingerprint covers
+# the data, so a checkout in another folder (a CI runner) or a replayed config with
+# resolved paths reuses the same cache.
+_LOCATION_KEYS = {"data": ("root", "download", "path", "train_path", "test_path"), "model": ("factory_path", "checkpoint")}
 
 
-def influence_hash(config: Config, strategy: str) -> str:
-    """Hash of the config parts that determine fitted factors (besides the checkpoint)."""
+def _hashed_sections(config: Config) -> dict[str, Any]:
     dumped = config.model_dump(mode="json")
+    for section, keys in _LOCATION_KEYS.items():
+        dumped[section] = {k: v for k, v in dumped[section].items() if k not in keys}
+    return dumped
+
+
+def training_hash(config: Config, data_fingerprint: str) -> str:
+    """Hash of everything that determines the trained weights: the config's seed, data,
+    model and train sections, and the content fingerprint of the training split."""
+    dumped = _hashed_sections(config)
+    relevant = {k: dumped[k] for k in ("seed", "data", "model", "train")}
+    return hash_object({**relevant, "data_fingerprint": data_fingerprint})
+
+
+def influence_hash(config: Config, strategy: str, data_fingerprint: str) -> str:
+    """Hash of what determines fitted factors besides the checkpoint: the influence
+    settings, the data section and the training split's content fingerprint."""
+    dumped = _hashed_sections(config)
     inf = dumped["influence"]
     relevant = {k: inf[k] for k in ("damping", "damping_factor", "damping_scope", "fisher", "modules", "dtype")}
     if strategy in ("exact", "lissa"):  # solver settings shape their stored state
         relevant[strategy] = inf[strategy]
     if inf.get("amp"):
         relevant["amp"] = inf["amp"]
-    return hash_object({"seed": dumped["seed"], "data": dumped["data"], "influence": relevant, "strategy": strategy})
+    return hash_object(
+        {
+            "seed": dumped["seed"], "data": dumped["data"], "influence": relevant, "strategy": strategy,
+            "data_fingerprint": data_fingerprint,
+        }
+    )
 
 
 @contextlib.contextmanager

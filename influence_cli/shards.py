@@ -32,7 +32,7 @@ import torch
 
 from influence_cli.distributed import shard_range
 from influence_cli.errors import ShardError
-from influence_cli.run import atomic_path, atomic_write_json, hash_file, influence_hash, read_json
+from influence_cli.run import atomic_path, atomic_write_json, hash_file, read_json
 
 SHARD_FORMAT = 1
 
@@ -120,7 +120,7 @@ def base_meta(session: Any, state: Any, strategy: str, stage: str, command: str,
         "command": command,
         "strategy": strategy,
         "checkpoint_hash": state.checkpoint_hash,
-        "influence_hash": influence_hash(session.config, strategy),
+        "influence_hash": session.influence_hash(strategy),
         "start": bounds[0],
         "stop": bounds[1],
         "num_examples": len(session.data().train),
@@ -142,7 +142,7 @@ def want_meta(session: Any, state: Any, strategy: str) -> dict[str, Any]:
     return {
         "strategy": strategy,
         "checkpoint_hash": state.checkpoint_hash,
-        "influence_hash": influence_hash(session.config, strategy),
+        "influence_hash": session.influence_hash(strategy),
     }
 
 
@@ -387,7 +387,8 @@ def _merge_factors(session: Any, state: Any, strategy: str, n: int) -> dict[str,
     common = dict(damping=config.influence.damping, fisher=config.influence.fisher, modules=config.influence.modules,
                   dtype=influence_dtype(config), damping_factor=config.influence.damping_factor,
                   damping_scope=config.influence.damping_scope)
-    extra = {"checkpoint_hash": state.checkpoint_hash, "influence_hash": want["influence_hash"], "config_name": config.name,
+    extra = {"checkpoint_hash": state.checkpoint_hash, "influence_hash": want["influence_hash"],
+             "data": session.data().data_identity(), "config_name": config.name,
              "fit_seconds": None, "merged_shards": None}
     eig_dir = root / "eigenvalues"
     bases = None

@@ -146,10 +146,24 @@ class Datasets:
     input_shape: tuple[int, ...]  # (C, H, W) for images, (F,) for tables/vectors
     kind: str  # "image" | "table" | "vector"
     noise: Optional[LabelNoise] = None
+    _fingerprints: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def fingerprint(self, split: str = "train") -> str:
+        """Content hash of one split as the model sees it (computed once, then cached)."""
+        if split not in self._fingerprints:
+            from .fingerprint import fingerprint_split
+
+            part = self.train if split == "train" else self.test
+            self._fingerprints[split] = fingerprint_split(part.inputs, part.labels, part.ids, self.class_names)
+        return self._fingerprints[split]
+
+    def data_identity(self) -> dict[str, Any]:
+        """What cached outputs record about the training data: its fingerprint and size."""
+        return {"fingerprint": self.fingerprint("train"), "examples": len(self.train), "classes": len(self.class_names)}
 
 
 @dataclass(eq=False)

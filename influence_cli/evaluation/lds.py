@@ -173,7 +173,10 @@ def evaluate_lds(
     # ---------------------------------------------------------------- retraining
     run = session.run
     cache_dir = run.root / "lds"
-    base_hash = training_hash(config)
+    from influence_cli.data.fingerprint import fingerprint_split
+
+    base_hash = training_hash(config, session.data_fingerprint())
+    test_rows_hash = fingerprint_split(test_x, test_y, test_ids, data.class_names)
     device = resolve_device(config.train.device)
     membership = np.zeros((subsets, n), dtype=bool)
     measured = np.zeros((subsets, seeds, t_count), dtype=np.float64)
@@ -189,6 +192,7 @@ def evaluate_lds(
                 "seed": retrain_seed(config.seed, r, s),
                 "measurement": measurement,
                 "test_rows": test_ids,
+                "test_rows_hash": test_rows_hash,
             }
         )
         return cache_dir / f"{key}.json"
