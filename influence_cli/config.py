@@ -58,6 +58,10 @@ class DataConfig(_Strict):
     grayscale: bool = False
     standardize: bool = True
     limit: Optional[int] = Field(None, ge=1, description="use only the first N training examples")
+    cache: bool = Field(
+        True, description="keep the decoded splits in runs/<name>/cache/ (digits, table, image_folder, csv_manifest) "
+        "so later commands skip decoding; rebuilt when a source file changes"
+    )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     label_noise: LabelNoiseConfig = Field(default_factory=LabelNoiseConfig)
 

@@ -74,8 +74,11 @@ class Session:
     def data(self) -> Any:
         if self.datasets is None:
             from influence_cli.data import build_datasets
+            from influence_cli.data.cache import load_datasets
 
-            self.datasets = build_datasets(self.config)
+            self.datasets = load_datasets(
+                self.config, self.run.root / "cache", build_datasets, write=self.dist.is_main
+            )
         return self.datasets
 
     def data_fingerprint(self) -> str:

@@ -39,7 +39,7 @@ def hash_file(path: Path) -> str:
 # Where the data and the code live is not what they are: the content fingerprint covers
 # the data, so a checkout in another folder (a CI runner) or a replayed config with
 # resolved paths reuses the same cache.
-_LOCATION_KEYS = {"data": ("root", "download", "path", "train_path", "test_path"), "model": ("factory_path", "checkpoint")}
+_LOCATION_KEYS = {"data": ("root", "download", "path", "train_path", "test_path", "cache"), "model": ("factory_path", "checkpoint")}
 
 
 def _hashed_sections(config: Config) -> dict[str, Any]:
