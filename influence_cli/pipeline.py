@@ -46,6 +46,9 @@ class ModelState:
     train_accuracy: float
     test_accuracy: float
     info: dict[str, Any] = field(default_factory=dict)
+    # Softmax outputs on the train and test splits, computed once for the accuracies and
+    # reused by the ranking (a second forward pass over the data costs as much again).
+    probs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -192,7 +195,8 @@ def _ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
         info.update({"train_accuracy": train_acc, "test_accuracy": test_acc, "version": __version__})
         atomic_write_json(run.train_meta, info)
         atomic_write_text(run.resolved_config, config.to_replay_yaml())
-    return ModelState(model, checkpoint_hash, trained_now, train_acc, test_acc, info)
+    return ModelState(model, checkpoint_hash, trained_now, train_acc, test_acc, info,
+                      probs={"train": train_probs, "test": test_probs})
 
 
 def checkpoint_problem(run: RunDir, meta: Optional[dict[str, Any]], want: str, data: dict[str, Any]) -> Optional[str]:
@@ -495,7 +499,9 @@ def members_probs(members: list[Member], dataset: Any) -> np.ndarray:
     """Predicted class probabilities averaged over the members (float64)."""
     total = None
     for member in members:
-        probs = predict_probs(member.state.model, dataset).double().numpy()
+        split = next((k for k in ("train", "test") if getattr(member.session.data(), k) is dataset), None)
+        cached = member.state.probs.get(split) if split else None
+        probs = (cached if cached is not None else predict_probs(member.state.model, dataset)).double().numpy()
         total = probs if total is None else total + probs
     return total / len(members)
 

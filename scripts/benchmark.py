@@ -3,6 +3,7 @@
 
     python scripts/benchmark.py {fit-factors,self-influence,score} [--workload mlp784|cnn32|all]
                                 [--kronfluence] [--repeat N]
+    python scripts/benchmark.py --whole-process [--workload ...] [--repeat N]   (CLI commands)
 
 Each workload: synthetic seeded data, the model trained ~1 epoch with Adam, CPU,
 torch.set_num_threads(2), float32. Every measured stage runs in its own subprocess so
@@ -294,6 +295,11 @@ TARGETS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--whole-process" in argv:  # each infl command in its own process: scripts/benchmark_cli.py
+        from benchmark_cli import main as whole_process
+
+        return whole_process([a for a in argv if a != "--whole-process"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", nargs="?", choices=sorted(STAGES))
     parser.add_argument("--workload", default="all", choices=[*WORKLOADS, "all"])
