@@ -498,12 +498,12 @@ def merge(
 @handle_errors
 def config_list() -> None:
     """List the bundled configs (use them with -c NAME)."""
-    from influence_cli.config import DEFAULT_CONFIG, bundled_configs, load_config
+    from influence_cli.config import DEFAULT_CONFIG, bundled_configs, bundled_summary
 
     for name, path in sorted(bundled_configs().items()):
-        cfg = load_config(name)
+        source, arch = bundled_summary(path)
         mark = " (default)" if name == DEFAULT_CONFIG else ""
-        typer.echo(f"{name}{mark}\t{cfg.data.source} / {cfg.model.arch}")
+        typer.echo(f"{name}{mark}\t{source} / {arch}")
 
 
 @config_app.command("show")

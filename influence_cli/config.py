@@ -60,6 +60,9 @@ class SyntheticConfig(_Strict):
     separation: Float = Field(2.0, ge=0.0, description="distance between class means, in noise std units")
 
 
+TORCHVISION_SOURCES = ("mnist", "fashion_mnist", "cifar10")
+
+
 class DataConfig(_Strict):
     source: Literal[
         "digits", "mnist", "fashion_mnist", "cifar10", "image_folder", "csv_manifest", "table", "synthetic"
@@ -87,15 +90,47 @@ class DataConfig(_Strict):
             raise ValueError("must be [height, width] with positive integers")
         return value
 
+    @field_validator("feature_columns")
+    @classmethod
+    def _feature_columns(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        if value is not None:
+            if not value:
+                raise ValueError("the list is empty; name at least one column, or use null for every other column")
+            repeated = sorted({c for c in value if value.count(c) > 1})
+            if repeated:
+                raise ValueError(f"column '{repeated[0]}' is listed twice; list every column once")
+        return value
+
     @model_validator(mode="after")
     def _paths_fit_source(self) -> "DataConfig":
         file_sources = {"image_folder", "csv_manifest", "table"}
+        if self.source in TORCHVISION_SOURCES and self.root is None:
+            raise ValueError(
+                f"source '{self.source}' needs data.root: the folder holding the dataset "
+                "(with data.download: true it is downloaded there)"
+            )
+        if self.id_column is not None and self.id_column == self.label_column:
+            raise ValueError(f"data.id_column and data.label_column are both '{self.label_column}'; use two different columns")
+        if self.feature_columns and (self.label_column in self.feature_columns or self.id_column in self.feature_columns):
+            column = self.label_column if self.label_column in self.feature_columns else self.id_column
+            raise ValueError(f"data.feature_columns lists '{column}', the label/id column; remove it from feature_columns")
         if self.source in file_sources:
             if (self.train_path is None) != (self.test_path is None):
                 raise ValueError("give both train_path and test_path, or path with test_fraction")
             if self.path is None and self.train_path is None:
                 raise ValueError(f"source '{self.source}' needs data.path (or data.train_path and data.test_path)")
         return self
+
+
+BUILTIN_ARCHS = ("mlp", "cnn", "factory")
+
+
+def torchvision_classifiers() -> list[str]:
+    """Names of torchvision's classification models (imports torchvision: only called for
+    an arch that is not built in)."""
+    import torchvision.models
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 class ModelConfig(_Strict):
@@ -108,6 +143,23 @@ class ModelConfig(_Strict):
     factory_path: Optional[str] = Field(None, description="folder put on sys.path before importing the factory")
     factory_kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Optional[str] = Field(None, description="load this state_dict (.safetensors, .pt, .pth) instead of training")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if value in BUILTIN_ARCHS:
+            return value
+        names = torchvision_classifiers()
+        if value not in names:
+            import difflib
+
+            close = difflib.get_close_matches(value, [*BUILTIN_ARCHS, *names], n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(
+                f"unknown architecture '{value}'{hint}; use mlp, cnn, factory or a torchvision classification "
+                "model such as resnet18"
+            )
+        return value
 
     @model_validator(mode="after")
     def _factory_given(self) -> "ModelConfig":
@@ -226,6 +278,28 @@ class InfluenceConfig(_Strict):
     def _device(cls, value: str) -> str:
         return _check_device(value)
 
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, value: str) -> str:
+        # The registry imports torch: import it only when a config is validated.
+        from influence_cli.influence.factors import available_strategies
+
+        names = list(available_strategies())
+        if value not in names:
+            import difflib
+
+            close = difflib.get_close_matches(value, names, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"unknown strategy '{value}'{hint}; use one of {', '.join(names)}")
+        return value
+
+    @field_validator("modules")
+    @classmethod
+    def _modules(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        if value is not None and not value:
+            raise ValueError("the list is empty, so no layer would be tracked; use null to track every Linear and Conv2d")
+        return value
+
     @field_validator("ensemble", mode="before")
     @classmethod
     def _ensemble(cls, value: Any) -> Union[int, list[str]]:
@@ -325,6 +399,15 @@ def bundled_configs() -> dict[str, Path]:
     """Name → path of the configs shipped inside the package."""
     folder = importlib.resources.files("influence_cli") / "configs"
     return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def bundled_summary(path: Path) -> tuple[str, str]:
+    """(data.source, model.arch) of a bundled config, read without validating it (so that
+    `infl config list` does not import torch; the tests validate every bundled config)."""
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    source = (raw.get("data") or {}).get("source", DataConfig.model_fields["source"].default)
+    arch = (raw.get("model") or {}).get("arch", ModelConfig.model_fields["arch"].default)
+    return str(source), str(arch)
 
 
 def find_config(name_or_path: Optional[str]) -> tuple[Path, bool]:

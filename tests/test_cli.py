@@ -213,3 +213,24 @@ def test_report_command(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     html_text = (tmp_path / "runs" / "tiny" / "report.html").read_text()
     assert "<html" in html_text.lower() and "f1" in html_text
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("influence.strategy=ekfak", "influence.strategy: unknown strategy 'ekfak' (did you mean ekfac?)"),
+        ("model.arch=resnet1", "model.arch: unknown architecture 'resnet1'"),
+        ("train.epochs=0", "train.epochs: 0 is out of range; use a number >= 1"),
+    ],
+)
+def test_every_command_validates_the_whole_config_before_working(tmp_path: Path, override: str, expected: str) -> None:
+    path = write_config(tmp_path, table_config(tmp_path))
+    queries = tmp_path / "queries.csv"
+    queries.write_text("index\n0\n")
+    for command in (["train"], ["fit-factors"], ["self-influence"], ["score", str(queries)], ["check"], ["report"],
+                    ["evaluate"], ["merge"], ["config", "show"]):
+        result = invoke(*command, "-c", str(path), "--set", override)
+        assert result.exit_code == 2, (command, result.output)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {expected}"), (command, result.stderr)
+        assert not (tmp_path / "runs").exists(), command  # nothing was trained or written
