@@ -73,6 +73,17 @@ def _torchvision(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: in
         raise ModelError(f"model.arch: torchvision '{cfg.arch}' cannot be built here: {exc}") from None
 
 
+def _names_parameter(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function``'s signature has a parameter called ``name`` that can be passed by
+    keyword (not merely absorbed by ``**kwargs``)."""
+    try:
+        params = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # some builtins have no signature
+        return False
+    param = params.get(name)
+    return param is not None and param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
 def _factory(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     assert cfg.factory is not None
     module_name, _, function_name = cfg.factory.partition(":")
@@ -88,10 +99,10 @@ def _factory(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -
     if not callable(function):
         raise ModelError(f"model.factory: '{module_name}' has no function '{function_name}'")
     kwargs = dict(cfg.factory_kwargs)
-    params = inspect.signature(function).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    # input_shape / num_classes only go to a factory that names them: one taking **kwargs
+    # (torchvision's resnet18 forwards them to ResNet.__init__) gets factory_kwargs alone.
     for key, value in (("input_shape", tuple(input_shape)), ("num_classes", num_classes)):
-        if key in params or accepts_any:
+        if _names_parameter(function, key):
             kwargs.setdefault(key, value)
     try:
         model = function(**kwargs)
