@@ -15,17 +15,17 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
+from typer._click.exceptions import UsageError
 
 from influence_cli import __version__
 from influence_cli.errors import ConfigError, InflError
+from influence_cli.terminal import InflGroup, InflTyper, err, print_error
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-err = Console(stderr=True)
-
-app = typer.Typer(
+app = InflTyper(
+    cls=InflGroup,
     name="infl",
     help=(
         "Audit labelled training data with influence functions (EK-FAC): find mislabelled, "
@@ -39,7 +39,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-config_app = typer.Typer(help="List the bundled configs or show a resolved config.", no_args_is_help=True)
+config_app = InflTyper(cls=InflGroup, help="List the bundled configs or show a resolved config.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 ConfigOption = typer.Option(
@@ -55,7 +55,7 @@ SetOption = typer.Option(
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+    print_error(message)  # one line, even when the message wraps a library's multi-line text
     raise typer.Exit(code)
 
 
@@ -66,11 +66,11 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, SystemExit):
+        except (typer.Exit, typer.Abort, SystemExit, UsageError):
             raise
         except ConfigError as exc:
-            for line in exc.problems:
-                err.print(f"[bold red]error:[/bold red] {escape(line)}", highlight=False, soft_wrap=True)
+            for line in exc.problems:  # one line per problem
+                print_error(line)
             raise typer.Exit(2)
         except InflError as exc:
             fail(str(exc), exc.exit_code)

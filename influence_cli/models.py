@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pickle
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -144,6 +146,21 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: unknown checkpoint format '{suffix}' (use .safetensors, .pt or .pth)")
     except CheckpointError:
         raise
+    except pickle.UnpicklingError as exc:
+        # torch's weights_only refusal spans many lines (and suggests weights_only=False): one line here
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise CheckpointError(
+                f"{path}: holds a pickled Python object ({found.group(1)}), not only tensors, and is not "
+                "unpickled for safety; save a plain state_dict (torch.save(model.state_dict(), path)) or "
+                "convert it to .safetensors"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        reason = detail.group(1).strip() if detail else (text.strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint (corrupt, truncated or not a state_dict): {reason[:200]}"
+        ) from None
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: cannot read checkpoint (corrupt, truncated or not a state_dict): {first[:200]}") from None

@@ -1,0 +1,220 @@
+"""How the `infl` command line talks to the terminal, outside the commands themselves.
+
+- Usage errors (unknown option, bad value, missing argument) become one line,
+  ``error: <option>: <what is wrong>; <what to do>``, exit 2, like every other error.
+- Help shows boolean flags as plain ``--retrain`` and arguments as ``TEST_CSV``.
+
+`InflGroup` is the root command class, so both `infl` (``main()``) and tests that call the
+app through typer's ``CliRunner`` take the same path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from typing import Any, Optional, Sequence
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from typer._click.exceptions import (
+    BadOptionUsage,
+    BadParameter,
+    ClickException,
+    MissingParameter,
+    NoArgsIsHelpError,
+    NoSuchOption,
+    UsageError,
+)
+from typer.core import TyperArgument, TyperCommand, TyperGroup
+from typer.exceptions import Abort
+
+#: stderr: tables, progress, messages and errors (stdout carries machine output only).
+err = Console(stderr=True)
+
+
+def one_line(message: str) -> str:
+    """Collapse a message (often a library's multi-line text) to one line."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def print_error(message: str) -> None:
+    err.print(f"[bold red]error:[/bold red] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------- usage errors
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+_LIMIT_KEYS = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt", "less_than_equal": "le"}
+
+
+def _param_label(param: Any) -> Optional[str]:
+    """How the user wrote the parameter: its long option (--top) or its argument name (TEST_CSV)."""
+    if param is None:
+        return None
+    if isinstance(param, TyperArgument):
+        return param.metavar or (param.name or "").upper()
+    opts = sorted(param.opts, key=lambda o: (not o.startswith("--"), -len(o)))
+    return opts[0] if opts else param.name
+
+
+def _bad_value(exc: BadParameter) -> str:
+    """What is wrong with the value, from pydantic's error when typer validated it."""
+    from pydantic import ValidationError
+
+    cause = exc.__cause__
+    if isinstance(cause, ValidationError) and cause.errors():
+        item = cause.errors()[0]
+        kind, value, ctx = item["type"], item.get("input"), item.get("ctx") or {}
+        if kind in _BOUNDS:
+            return f"{value} is out of range; use a number {_BOUNDS[kind]} {ctx[_LIMIT_KEYS[kind]]}"
+        if kind == "int_parsing":
+            return f"'{value}' is not a whole number; give one such as 10"
+        if kind == "float_parsing":
+            return f"'{value}' is not a number; give one such as 0.1"
+        if kind == "literal_error" and "expected" in ctx:
+            return f"'{value}' is not one of {ctx['expected']}"
+    text = one_line(exc.message).rstrip(".")
+    return text[:1].lower() + text[1:]
+
+
+def usage_error_line(exc: UsageError, command: str = "infl") -> str:
+    """One line for a click/typer usage error: the option or argument, what is wrong, the fix.
+
+    ``command`` names the command for the help hint when the error carries no context.
+    """
+    ctx = exc.ctx
+    command = ctx.command_path if ctx is not None else command
+    see_help = f"see '{command} --help'"
+    if isinstance(exc, MissingParameter):
+        label = _param_label(exc.param) or str(exc.param_hint or "argument")
+        kind = exc.param_type or (exc.param.param_type_name if exc.param is not None else "parameter")
+        usage = one_line(ctx.get_usage()) if ctx is not None else ""
+        usage = usage[len("Usage: "):] if usage.startswith("Usage: ") else usage
+        return f"{label}: missing {kind}; usage: {usage}" if usage else f"{label}: missing {kind}; {see_help}"
+    if isinstance(exc, BadParameter):
+        label = _param_label(exc.param) or (exc.param_hint if isinstance(exc.param_hint, str) else None)
+        what = _bad_value(exc)
+        fix = "" if "; " in what else f"; {see_help}"
+        return f"{label}: {what}{fix}" if label else f"{what}{fix}"
+    if isinstance(exc, NoSuchOption):
+        known: list[str] = []
+        if ctx is not None:
+            for param in ctx.command.get_params(ctx):
+                known += [o for o in [*param.opts, *param.secondary_opts] if o.startswith("-")]
+        close = difflib.get_close_matches(exc.option_name, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{exc.option_name}: no such option{hint}; {see_help}"
+    if isinstance(exc, BadOptionUsage):
+        text = one_line(exc.message).rstrip(".")
+        text = text.replace(f"Option {exc.option_name!r} ", "").replace(f"Option '{exc.option_name}' ", "")
+        text = text.replace("requires an argument", "needs a value")
+        return f"{exc.option_name}: {text}; {see_help}"
+    text = one_line(exc.format_message())
+    match = re.fullmatch(r"No such command '(.+?)'\.(?: Did you mean (.+?)\?)?", text)
+    if match:
+        name, close = match.groups()
+        hint = f" (did you mean {close.replace(chr(39), '')}?)" if close else ""
+        return f"{name}: no such command{hint}; {see_help}"
+    match = re.fullmatch(r"Got unexpected extra argument(?:s|\(s\))? \((.+)\)", text)
+    if match:
+        return f"{match.group(1)}: unexpected extra argument; {see_help}"
+    text = text.rstrip(".")
+    return f"{text[:1].lower() + text[1:]}; {see_help}"
+
+
+def command_path(group: Any, prog_name: str, args: Sequence[str]) -> str:
+    """The command the arguments name (``infl self-influence``), for errors without a context."""
+    path, command = [prog_name], group
+    for token in args:
+        sub = getattr(command, "commands", {}).get(token)
+        if sub is None:
+            if token.startswith("-"):
+                continue
+            break
+        path.append(token)
+        command = sub
+    return " ".join(path)
+
+
+# ----------------------------------------------------------------------------- command classes
+
+
+def _plain_flags(command: Any, ctx: Any) -> None:
+    """Typer's rich help prints every option's type, so a flag shows as ``--retrain <bool>``
+    (its plain-text help skips flags). An empty metavar makes the rich help print nothing."""
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
+class InflCommand(TyperCommand):
+    """A command whose help shows flags without a type and arguments in capitals."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _plain_flags(self, ctx)
+        return super().format_help(ctx, formatter)
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        # typer writes required arguments as {test_csv}; write them as TEST_CSV like click.
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = _param_label(param) or ""
+                name = name if param.required else f"[{name}]"
+                pieces.append(name + ("..." if param.nargs != 1 else ""))
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+
+class InflGroup(TyperGroup):
+    """The root command: runs the app with ``standalone_mode=False`` and turns every usage
+    error into one line (exit 2)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _plain_flags(self, ctx)
+        return super().format_help(ctx, formatter)
+
+    def main(  # type: ignore[override]
+        self,
+        args: Optional[Sequence[str]] = None,
+        prog_name: Optional[str] = None,
+        complete_var: Optional[str] = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        args = sys.argv[1:] if args is None else list(args)
+        where = command_path(self, prog_name or self.name or "infl", args)
+        code = run_group(super().main, where, args=args, prog_name=prog_name, complete_var=complete_var, **extra)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def run_group(main: Any, where: str, **kwargs: Any) -> int:
+    """Run a click main in non-standalone mode; return the exit code. ``where`` is the
+    command the arguments name, for usage errors that carry no context."""
+    try:
+        result = main(standalone_mode=False, **kwargs)
+    except NoArgsIsHelpError:
+        return 2  # the help was printed when the error was made
+    except UsageError as exc:
+        print_error(usage_error_line(exc, where))
+        return exc.exit_code
+    except ClickException as exc:
+        print_error(exc.format_message())
+        return exc.exit_code
+    except Abort:
+        print_error("aborted")
+        return 1
+    # non-standalone click returns the exit code of typer.Exit, or the command's return value
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+class InflTyper(typer.Typer):
+    """A Typer app whose commands are `InflCommand` (give the group ``cls=InflGroup``)."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or InflCommand, **kwargs)
