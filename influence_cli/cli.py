@@ -31,7 +31,10 @@ app = InflTyper(
         "Audit labelled training data with influence functions (EK-FAC): find mislabelled, "
         "ambiguous or harmful training examples and explain predictions.\n\n"
         "Without -c every command uses the bundled digits-mlp config (real handwritten "
-        "digits, no download). Exit codes: 0 ok, 1 check failed, 2 bad usage/config/input."
+        "digits, no download).\n\n"
+        "Exit codes: 0 success; 1 `infl check` failed its thresholds; 2 bad usage, config or input "
+        "(one line names the file or option and the fix); 70 internal error (a bug: INFL_DEBUG=1 shows "
+        "the traceback); 130 interrupted (Ctrl-C); 141 the output pipe was closed (e.g. `| head`)."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -43,14 +46,16 @@ config_app = InflTyper(cls=InflGroup, help="List the bundled configs or show a r
 app.add_typer(config_app, name="config")
 
 ConfigOption = typer.Option(
-    None, "--config", "-c", help="YAML config file, or the name of a bundled config (see `infl config list`)."
+    None, "--config", "-c", metavar="CONFIG",
+    help="YAML config file, or the name of a bundled config (see `infl config list`); default digits-mlp.",
 )
 STRATEGY_HELP = (
     "How (H + λI)⁻¹ is approximated: ekfac (default), kfac, diagonal, identity (plain gradients), "
     "exact (dense solve, small models) or lissa (iterative, slow; settings in influence.lissa)."
 )
 SetOption = typer.Option(
-    None, "--set", help="Override a config value, e.g. --set train.epochs=5 (repeatable; value read as YAML)."
+    None, "--set", metavar="KEY=VALUE",
+    help="Override a config value, e.g. --set train.epochs=5 (repeatable; value read as YAML).",
 )
 
 
@@ -86,7 +91,7 @@ def handle_errors(fn: F) -> F:
 
 
 ShardOption = typer.Option(
-    None, "--shard", help="Job arrays: do only block i of n of the training set (e.g. --shard 0/4) and write a "
+    None, "--shard", metavar="I/N", help="Job arrays: do only block i of n of the training set (e.g. --shard 0/4) and write a "
     "partial result under runs/<name>/shards/; combine them with `infl merge`.",
 )
 
@@ -255,6 +260,7 @@ def self_influence_command(
 def score(
     test_csv: Path = typer.Argument(
         ...,
+        metavar="TEST_CSV",
         help="CSV of test rows: an 'index' column (rows of the test split), 'path' (image files, relative to the CSV) "
         "or the feature columns of a table; optional 'label' and 'id' columns.",
         show_default=False,
@@ -429,7 +435,8 @@ def evaluate(
     test_rows: int = typer.Option(100, "--test-rows", min=1, help="LDS: the first N rows of the test split."),
     measurement: str = typer.Option("loss", "--measurement", "-m", help="LDS: loss or margin."),
     strategies: Optional[List[str]] = typer.Option(
-        None, "--strategy", "-s", help="Strategy to evaluate (repeatable; default: every fast registered strategy)."
+        None, "--strategy", "-s", metavar="NAME",
+        help="Strategy to evaluate (repeatable; default: every fast registered strategy).",
     ),
 ) -> None:
     """Check how far to trust the rankings on your own data: injected-noise detection and LDS.
@@ -471,7 +478,7 @@ def merge(
     config: Optional[str] = ConfigOption,
     set_: Optional[List[str]] = SetOption,
     stage: Optional[List[str]] = typer.Option(
-        None, "--stage", help="Merge only this stage (factors-<strategy>, self-influence-<strategy>, score-<stem>); "
+        None, "--stage", metavar="STAGE", help="Merge only this stage (factors-<strategy>, self-influence-<strategy>, score-<stem>); "
         "default: every stage with shard files under runs/<name>/shards/.",
     ),
 ) -> None:

@@ -11,6 +11,7 @@ app through typer's ``CliRunner`` take the same path.
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 import sys
 from typing import Any, Optional, Sequence
@@ -141,6 +142,15 @@ def command_path(group: Any, prog_name: str, args: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------- command classes
 
 
+def reflow(text: Optional[str]) -> Optional[str]:
+    """Join the lines of each paragraph of a docstring: typer's rich help keeps single
+    newlines, so a wrapped docstring would print with ragged breaks."""
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
 def _plain_flags(command: Any, ctx: Any) -> None:
     """Typer's rich help prints every option's type, so a flag shows as ``--retrain <bool>``
     (its plain-text help skips flags). An empty metavar makes the rich help print nothing."""
@@ -154,6 +164,7 @@ class InflCommand(TyperCommand):
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         _plain_flags(self, ctx)
+        self.help = reflow(self.help)
         return super().format_help(ctx, formatter)
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
@@ -175,6 +186,7 @@ class InflGroup(TyperGroup):
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         _plain_flags(self, ctx)
+        self.help = reflow(self.help)
         return super().format_help(ctx, formatter)
 
     def main(  # type: ignore[override]

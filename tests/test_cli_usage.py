@@ -116,3 +116,53 @@ def test_pickled_checkpoint_refused_in_one_line(tmp_path: Path) -> None:
         "not only tensors, and is not unpickled for safety; save a plain state_dict "
         "(torch.save(model.state_dict(), path)) or convert it to .safetensors"
     ]
+
+
+def _commands() -> list[list[str]]:
+    from typer.main import get_command
+
+    root = get_command(app)
+    paths = [[]]
+    for name, command in root.commands.items():
+        paths.append([name])
+        for sub in getattr(command, "commands", {}):
+            paths.append([name, sub])
+    return paths
+
+
+COMMANDS = _commands()
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=[" ".join(p) or "infl" for p in COMMANDS])
+def test_help_of_every_command(path: list[str]) -> None:
+    result = runner.invoke(app, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.stdout
+    assert "{" not in result.stdout and "}" not in result.stdout
+    assert f"Usage: {' '.join(['infl', *path])}" in result.stdout
+
+
+def test_help_details() -> None:
+    top = " ".join(runner.invoke(app, ["--help"]).stdout.split())  # undo the wrapping
+    for code in ("0 success", "1 `infl check` failed", "2 bad usage", "70 internal error", "130 interrupted", "141"):
+        assert code in top, code
+    score_help = runner.invoke(app, ["score", "--help"]).stdout
+    assert "Usage: infl score [OPTIONS] TEST_CSV" in score_help
+    train_help = runner.invoke(app, ["train", "--help"]).stdout
+    retrain = next(line for line in train_help.splitlines() if "--retrain" in line)
+    assert retrain.split("--retrain", 1)[1].split()[0] == "Train"  # no type between the flag and its help
+
+
+def test_every_option_has_a_help_text() -> None:
+    from typer.main import get_command
+
+    def walk(command: object, path: str) -> list[str]:
+        missing = []
+        for param in command.params:  # type: ignore[attr-defined]
+            if len((param.help or "").strip()) < 10:
+                missing.append(f"{path} {param.name}")
+        for name, sub in getattr(command, "commands", {}).items():
+            missing += walk(sub, f"{path} {name}")
+        return missing
+
+    assert walk(get_command(app), "infl") == []
