@@ -20,7 +20,7 @@ from typer._click.exceptions import UsageError
 
 from influence_cli import __version__
 from influence_cli.errors import ConfigError, InflError
-from influence_cli.terminal import InflGroup, InflTyper, err, print_error
+from influence_cli.terminal import InflGroup, InflTyper, closed_pipe, err, print_error
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,6 +73,8 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit, UsageError):
             raise
+        except BrokenPipeError:  # `infl ... | head`: the reader went away; end quietly
+            raise typer.Exit(closed_pipe())
         except ConfigError as exc:
             for line in exc.problems:  # one line per problem
                 print_error(line)

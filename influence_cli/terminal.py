@@ -3,6 +3,7 @@
 - Usage errors (unknown option, bad value, missing argument) become one line,
   ``error: <option>: <what is wrong>; <what to do>``, exit 2, like every other error.
 - Help shows boolean flags as plain ``--retrain`` and arguments as ``TEST_CSV``.
+- A closed output pipe (``infl config list | head -1``) ends quietly with exit 141.
 
 `InflGroup` is the root command class, so both `infl` (``main()``) and tests that call the
 app through typer's ``CliRunner`` take the same path.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 import re
 import sys
 from typing import Any, Optional, Sequence
@@ -29,10 +31,16 @@ from typer._click.exceptions import (
     UsageError,
 )
 from typer.core import TyperArgument, TyperCommand, TyperGroup
-from typer.exceptions import Abort
+from typer.exceptions import Abort, Exit
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits with 1 when its output pipe is closed; end like every closed pipe
+        raise SystemExit(closed_pipe())
+
 
 #: stderr: tables, progress, messages and errors (stdout carries machine output only).
-err = Console(stderr=True)
+err = _Console(stderr=True)
 
 
 def one_line(message: str) -> str:
@@ -42,6 +50,37 @@ def one_line(message: str) -> str:
 
 def print_error(message: str) -> None:
     err.print(f"[bold red]error:[/bold red] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+
+
+#: 128 + SIGPIPE: what coreutils exit with when the reader of their output went away.
+CLOSED_PIPE_EXIT = 141
+
+
+def closed_pipe() -> int:
+    """The reader of our output went away (``| head``). Point stdout and stderr at devnull
+    so that the interpreter's flush at exit does not raise again (the recipe of Python's
+    signal docs, "Note on SIGPIPE"), and return the exit code to end with, quietly."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # not a real file (tests' captured streams)
+            continue
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+    return CLOSED_PIPE_EXIT
+
+
+def flush_stdout(code: int) -> int:
+    """Flush stdout before exiting, so that a closed pipe is noticed here and not by the
+    interpreter at exit."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return closed_pipe()
+    return code
 
 
 # ----------------------------------------------------------------------------- usage errors
@@ -159,13 +198,35 @@ def _plain_flags(command: Any, ctx: Any) -> None:
             param.metavar = ""
 
 
+def _format_help(command: Any, format_help: Any, ctx: Any, formatter: Any) -> None:
+    _plain_flags(command, ctx)
+    command.help = reflow(command.help)
+    format_help(ctx, formatter)
+
+
+def _get_help(get_help: Any, ctx: Any) -> str:
+    # typer's rich help prints to stdout while it is formatted; flush here so that a closed
+    # pipe (`infl --help | head -1`) ends quietly instead of in typer's EPIPE handler (exit 1)
+    try:
+        text = get_help(ctx)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise Exit(closed_pipe()) from None
+    except SystemExit as exc:  # rich's own answer to a broken pipe: exit 1
+        if isinstance(exc.__context__, BrokenPipeError):
+            raise Exit(closed_pipe()) from None
+        raise
+    return str(text)
+
+
 class InflCommand(TyperCommand):
     """A command whose help shows flags without a type and arguments in capitals."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        _plain_flags(self, ctx)
-        self.help = reflow(self.help)
-        return super().format_help(ctx, formatter)
+        _format_help(self, super().format_help, ctx, formatter)
+
+    def get_help(self, ctx: Any) -> str:
+        return _get_help(super().get_help, ctx)
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         # typer writes required arguments as {test_csv}; write them as TEST_CSV like click.
@@ -185,9 +246,10 @@ class InflGroup(TyperGroup):
     error into one line (exit 2)."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        _plain_flags(self, ctx)
-        self.help = reflow(self.help)
-        return super().format_help(ctx, formatter)
+        _format_help(self, super().format_help, ctx, formatter)
+
+    def get_help(self, ctx: Any) -> str:
+        return _get_help(super().get_help, ctx)
 
     def main(  # type: ignore[override]
         self,
@@ -200,6 +262,7 @@ class InflGroup(TyperGroup):
         args = sys.argv[1:] if args is None else list(args)
         where = command_path(self, prog_name or self.name or "infl", args)
         code = run_group(super().main, where, args=args, prog_name=prog_name, complete_var=complete_var, **extra)
+        code = flush_stdout(code)
         if standalone_mode:
             sys.exit(code)
         return code
