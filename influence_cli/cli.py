@@ -20,7 +20,16 @@ from typer._click.exceptions import UsageError
 
 from influence_cli import __version__
 from influence_cli.errors import ConfigError, InflError
-from influence_cli.terminal import InflGroup, InflTyper, closed_pipe, err, print_error
+from influence_cli.terminal import (
+    InflGroup,
+    InflTyper,
+    closed_pipe,
+    configure_output,
+    err,
+    log,
+    print_error,
+    silence_rank,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,6 +41,9 @@ app = InflTyper(
         "ambiguous or harmful training examples and explain predictions.\n\n"
         "Without -c every command uses the bundled digits-mlp config (real handwritten "
         "digits, no download).\n\n"
+        "Global options go before the command: `infl -q check` prints errors only (no tables, "
+        "progress, messages or warnings; CSV on stdout is unchanged), `infl -v self-influence` adds "
+        "debug messages. Python warnings print as one line, `warning: <message>`.\n\n"
         "Exit codes: 0 success; 1 `infl check` failed its thresholds; 2 bad usage, config or input "
         "(one line names the file or option and the fix); 70 internal error (a bug: INFL_DEBUG=1 shows "
         "the traceback); 130 interrupted (Ctrl-C); 141 the output pipe was closed (e.g. `| head`)."
@@ -106,9 +118,10 @@ def open_session(config: Optional[str], overrides: Optional[List[str]]) -> Any:
     from influence_cli.progress import Reporter, RichReporter
 
     cfg = load_config(config, overrides or [])
+    log.debug(f"config {cfg.source_file}: run directory {cfg.run_dir()}, strategy {cfg.influence.strategy}")
     dist = init_from_env(cfg.influence.device)
     if not dist.is_main:
-        err.quiet = True
+        silence_rank()
     return Session(cfg, RichReporter(err) if dist.is_main else Reporter(), dist=dist)
 
 
@@ -533,8 +546,15 @@ def version_callback(value: bool) -> None:
 @app.callback()
 def root(
     version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Show the version."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="Print errors only: no tables, progress bars, messages or warnings."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print debug messages (config, run directory)."),
 ) -> None:
     """Audit labelled training data with influence functions."""
+    if quiet and verbose:
+        raise UsageError("-q/--quiet and -v/--verbose exclude each other; give one")
+    configure_output(quiet=quiet, verbose=verbose)
 
 
 def main() -> None:

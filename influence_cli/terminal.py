@@ -4,6 +4,8 @@
   ``error: <option>: <what is wrong>; <what to do>``, exit 2, like every other error.
 - Help shows boolean flags as plain ``--retrain`` and arguments as ``TEST_CSV``.
 - A closed output pipe (``infl config list | head -1``) ends quietly with exit 141.
+- Python warnings go through `logging` and print as one line ``warning: <message>``;
+  ``-q`` keeps errors only, ``-v`` adds debug messages.
 
 `InflGroup` is the root command class, so both `infl` (``main()``) and tests that call the
 app through typer's ``CliRunner`` take the same path.
@@ -13,9 +15,11 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import os
 import re
 import sys
+import warnings
 from typing import Any, Optional, Sequence
 
 import typer
@@ -48,8 +52,84 @@ def one_line(message: str) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+class _Output:
+    """What -q/-v and torchrun decided for this process."""
+
+    quiet = False  # -q: errors only
+    rank_silenced = False  # a torchrun rank other than 0: nothing at all
+
+
 def print_error(message: str) -> None:
-    err.print(f"[bold red]error:[/bold red] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+    """``error: <message>`` on stderr, one line; shown under -q too (not on silent ranks)."""
+    quiet = err.quiet
+    err.quiet = _Output.rank_silenced
+    try:
+        err.print(f"[bold red]error:[/bold red] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+    finally:
+        err.quiet = quiet
+
+
+def silence_rank() -> None:
+    """Under torchrun only rank 0 prints: silence this process, errors included."""
+    _Output.rank_silenced = True
+    err.quiet = True
+
+
+# ----------------------------------------------------------------------------- warnings and verbosity
+
+#: The package's logger; `-v` shows its debug messages.
+log = logging.getLogger("influence_cli")
+
+
+class LineHandler(logging.Handler):
+    """Every log record as one styled line on stderr: ``warning: <message>``."""
+
+    PREFIX = {
+        logging.DEBUG: "[dim]debug:[/dim] ",
+        logging.INFO: "",
+        logging.WARNING: "[yellow]warning:[/yellow] ",
+        logging.ERROR: "[bold red]error:[/bold red] ",
+    }
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            prefix = self.PREFIX.get(record.levelno, self.PREFIX[logging.ERROR] if record.levelno > logging.ERROR else "")
+            err.print(prefix + escape(one_line(record.getMessage())), highlight=False, soft_wrap=True)
+        except Exception:  # never let a message break a command
+            self.handleError(record)
+
+
+_handler = LineHandler()
+
+
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    """`warnings.showwarning` for the CLI: like ``logging.captureWarnings(True)`` (records on
+    the ``py.warnings`` logger), but the record holds the message alone, without the file
+    path, line number and source line that `warnings.formatwarning` adds."""
+    if file is not None:  # an explicit file: leave it to the default behaviour
+        warnings._showwarning_orig(message, category, filename, lineno, file, line)  # type: ignore[attr-defined]
+        return
+    text = str(message)
+    if category is not UserWarning:
+        text = f"{category.__name__}: {text}"
+    logging.getLogger("py.warnings").warning("%s", text)
+
+
+def configure_output(*, quiet: bool = False, verbose: bool = False) -> None:
+    """Route warnings and log records to one-line stderr messages at the chosen verbosity:
+    -q errors only (tables, progress, messages and warnings off), default warnings and
+    messages, -v also debug messages."""
+    logging.captureWarnings(True)  # the py.warnings logger gets every warning ...
+    warnings.showwarning = _show_warning  # ... as its bare message
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose else logging.INFO)
+    for name in ("py.warnings", "influence_cli"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.propagate = False
+        if _handler not in logger.handlers:
+            logger.addHandler(_handler)
+    _Output.quiet = quiet
+    err.quiet = quiet or _Output.rank_silenced
 
 
 #: 128 + SIGPIPE: what coreutils exit with when the reader of their output went away.

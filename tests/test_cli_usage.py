@@ -40,7 +40,8 @@ USAGE_ERRORS = [
     (["check", "--max-flagged", "-1"], "error: --max-flagged: -1 is out of range; use a number >= 0"),
     (["trian"], "error: trian: no such command (did you mean train?); see 'infl --help'"),
     (["config", "shwo"], "error: shwo: no such command (did you mean show?); see 'infl config --help'"),
-    (["--bogus"], "error: --bogus: no such option; see 'infl --help'"),
+    (["--zzz"], "error: --zzz: no such option; see 'infl --help'"),
+    (["--verbos", "train"], "error: --verbos: no such option (did you mean --verbose?); see 'infl --help'"),
 ]
 
 
