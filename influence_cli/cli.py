@@ -370,7 +370,7 @@ def check(
     Flagged examples follow audit.flag (see README). With --baseline only new suspects count.
     Appends a Markdown summary to $GITHUB_STEP_SUMMARY when that is set.
     """
-    from influence_cli.audit.check import junit_xml, markdown_summary
+    from influence_cli.audit.check import describe, junit_xml, markdown_summary
     from influence_cli.audit.report import render_self_influence_table, write_csv
     from influence_cli.pipeline import run_check
     from influence_cli.run import atomic_write_text
@@ -392,7 +392,7 @@ def check(
     if write_baseline is not None:
         flagged = outcome.self_influence.table
         write_csv(flagged[flagged["flagged"]], write_baseline)
-        err.print(f"baseline: {int(flagged['flagged'].sum())} flagged examples → {escape(str(write_baseline))}")
+        err.print(f"baseline: {int(flagged['flagged'].sum())} flagged examples → {escape(str(write_baseline))}", soft_wrap=True)
     if junit is not None:
         atomic_write_text(junit, junit_xml(result, f"infl check {name}"))
     summary_md = markdown_summary(result, name)
@@ -403,15 +403,15 @@ def check(
         with open(step_summary, "a", encoding="utf-8") as handle:
             handle.write(summary_md)
     if len(result.offenders):
-        render_self_influence_table(result.offenders, 20, err, f"{name}: flagged examples not in the baseline")
+        caption = f"{result.flagged_total} of {result.total} training examples flagged"
+        if result.baseline_used:
+            caption += f", {result.baseline_matched} accepted in the baseline"
+        title = f"{name}: flagged examples" + (" not in the baseline" if result.baseline_used else "")
+        render_self_influence_table(result.offenders, 20, err, title, caption=caption)
     for threshold in result.thresholds:
         mark = "[green]pass[/green]" if threshold.passed else "[bold red]FAIL[/bold red]"
         err.print(f"{mark} {threshold.name}: {threshold.describe()} ({outcome.thresholds_from})", highlight=False)
-    err.print(
-        f"{result.total} examples, {result.flagged_total} flagged, {result.baseline_matched} in the baseline, "
-        f"{len(result.offenders)} counted → {escape(str(session.run.root / 'check.csv'))}",
-        highlight=False,
-    )
+    err.print(f"{describe(result)} → {escape(str(session.run.root / 'check.csv'))}", highlight=False, soft_wrap=True)
     if not result.passed:
         raise typer.Exit(1)
 

@@ -234,3 +234,35 @@ def test_every_command_validates_the_whole_config_before_working(tmp_path: Path,
         lines = result.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {expected}"), (command, result.stderr)
         assert not (tmp_path / "runs").exists(), command  # nothing was trained or written
+
+
+def test_check_output_with_and_without_baseline(tmp_path: Path) -> None:
+    flag = {"flag": {"rule": "top_fraction", "fraction": 0.2, "require_disagreement": False}}
+    path = write_config(tmp_path, table_config(tmp_path, audit=flag))
+    check_csv = tmp_path / "runs" / "tiny" / "check.csv"
+
+    plain = invoke("check", "-c", str(path), "--write-baseline", str(tmp_path / "all.csv"))
+    assert plain.exit_code == 1, plain.output  # 9 of 45 flagged > the 2 % default
+    lines = [line.strip() for line in plain.stderr.splitlines()]
+    assert "tiny: flagged examples" in lines  # no baseline: no "not in the baseline"
+    assert "9 of 45 training examples flagged · showing the top 9" in lines  # the whole training set
+    assert f"45 examples, 9 flagged → {check_csv}" in lines
+    assert "in the baseline" not in plain.stderr and "accepted" not in plain.stderr
+
+    accepted = pd.read_csv(tmp_path / "all.csv", keep_default_na=False).head(4)
+    accepted.to_csv(tmp_path / "some.csv", index=False)
+    partial = invoke("check", "-c", str(path), "--baseline", str(tmp_path / "some.csv"))
+    assert partial.exit_code == 1, partial.output
+    lines = [line.strip() for line in partial.stderr.splitlines()]
+    assert "tiny: flagged examples not in the baseline" in lines
+    caption = "9 of 45 training examples flagged, 4 accepted in the baseline · showing the top 5"
+    assert caption in " ".join(partial.stderr.split())  # the caption wraps to the table's width
+    assert f"45 examples, 9 flagged: 4 accepted in the baseline, 5 new (counted) → {check_csv}" in lines
+    assert len(pd.read_csv(check_csv)) == 5
+
+    everything = invoke("check", "-c", str(path), "--baseline", str(tmp_path / "all.csv"), "--markdown", str(tmp_path / "s.md"))
+    assert everything.exit_code == 0, everything.output
+    assert f"45 examples, 9 flagged: 9 accepted in the baseline, 0 new (counted) → {check_csv}" in everything.stderr
+    assert "- flagged: 9 (9 accepted in the baseline, 0 new)" in (tmp_path / "s.md").read_text()
+    invoke("check", "-c", str(path), "--markdown", str(tmp_path / "plain.md"))
+    assert "- flagged: 9\n" in (tmp_path / "plain.md").read_text()
