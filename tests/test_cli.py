@@ -165,8 +165,13 @@ def test_score_command(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "runs" / "tiny" / "scores" / "queries.csv", keep_default_na=False)
     assert list(table.columns) == [
-        "test_id", "test_label", "test_predicted", "rank", "train_index", "train_id", "train_label", "influence", "role",
+        "test_id", "test_index", "test_label", "test_predicted", "rank", "train_index", "train_id", "train_label",
+        "influence", "role",
     ]
+    first_rows = table.drop_duplicates("test_id")
+    assert list(first_rows["test_index"]) == [0, 1]  # the index the user wrote, next to the id
+    assert all(str(i).startswith("test/") for i in first_rows["test_id"])
+    assert "index 0" in result.stderr and "index 1" in result.stderr  # shown in the table too
     assert set(table["role"]) <= {"proponent", "opponent"}
     assert (table[table["role"] == "proponent"]["influence"] > 0).all()
     assert (table[table["role"] == "opponent"]["influence"] < 0).all()
@@ -266,3 +271,21 @@ def test_check_output_with_and_without_baseline(tmp_path: Path) -> None:
     assert "- flagged: 9 (9 accepted in the baseline, 0 new)" in (tmp_path / "s.md").read_text()
     invoke("check", "-c", str(path), "--markdown", str(tmp_path / "plain.md"))
     assert "- flagged: 9\n" in (tmp_path / "plain.md").read_text()
+
+
+def test_score_test_index_with_ids_and_features(tmp_path: Path) -> None:
+    path = write_config(tmp_path, table_config(tmp_path))
+    named = tmp_path / "named.csv"
+    named.write_text("index,id,label\n7,query-a,yes\n3,query-b,no\n")
+    result = invoke("score", str(named), "-c", str(path), "--top", "2", "-o", str(tmp_path / "named-out.csv"))
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "named-out.csv").read_text().splitlines()
+    assert lines[0].startswith("test_id,test_index,test_label,test_predicted,rank,")
+    table = pd.read_csv(tmp_path / "named-out.csv", keep_default_na=False).drop_duplicates("test_id")
+    assert list(zip(table["test_id"], table["test_index"])) == [("query-a", 7), ("query-b", 3)]
+    features = tmp_path / "features.csv"
+    features.write_text("f1,f2,f3\n0.5,0.1,-0.2\n")
+    result = invoke("score", str(features), "-c", str(path), "--top", "2", "-o", str(tmp_path / "features-out.csv"))
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "features-out.csv").read_text().splitlines()[1:]
+    assert rows and all(row.split(",")[:2] == ["0", ""] for row in rows)  # id 0, no test_index
