@@ -15,23 +15,38 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
+from typer._click.exceptions import UsageError
 
 from influence_cli import __version__
 from influence_cli.errors import ConfigError, InflError
+from influence_cli.terminal import (
+    InflGroup,
+    InflTyper,
+    closed_pipe,
+    configure_output,
+    err,
+    log,
+    print_error,
+    silence_rank,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-err = Console(stderr=True)
-
-app = typer.Typer(
+app = InflTyper(
+    cls=InflGroup,
     name="infl",
     help=(
         "Audit labelled training data with influence functions (EK-FAC): find mislabelled, "
         "ambiguous or harmful training examples and explain predictions.\n\n"
         "Without -c every command uses the bundled digits-mlp config (real handwritten "
-        "digits, no download). Exit codes: 0 ok, 1 check failed, 2 bad usage/config/input."
+        "digits, no download).\n\n"
+        "Global options go before the command: `infl -q check` prints errors only (no tables, "
+        "progress, messages or warnings; CSV on stdout is unchanged), `infl -v self-influence` adds "
+        "debug messages. Python warnings print as one line, `warning: <message>`.\n\n"
+        "Exit codes: 0 success; 1 `infl check` failed its thresholds; 2 bad usage, config or input "
+        "(one line names the file or option and the fix); 70 internal error (a bug: INFL_DEBUG=1 shows "
+        "the traceback); 130 interrupted (Ctrl-C); 141 the output pipe was closed (e.g. `| head`)."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -39,23 +54,25 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-config_app = typer.Typer(help="List the bundled configs or show a resolved config.", no_args_is_help=True)
+config_app = InflTyper(cls=InflGroup, help="List the bundled configs or show a resolved config.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 ConfigOption = typer.Option(
-    None, "--config", "-c", help="YAML config file, or the name of a bundled config (see `infl config list`)."
+    None, "--config", "-c", metavar="CONFIG",
+    help="YAML config file, or the name of a bundled config (see `infl config list`); default digits-mlp.",
 )
 STRATEGY_HELP = (
     "How (H + λI)⁻¹ is approximated: ekfac (default), kfac, diagonal, identity (plain gradients), "
     "exact (dense solve, small models) or lissa (iterative, slow; settings in influence.lissa)."
 )
 SetOption = typer.Option(
-    None, "--set", help="Override a config value, e.g. --set train.epochs=5 (repeatable; value read as YAML)."
+    None, "--set", metavar="KEY=VALUE",
+    help="Override a config value, e.g. --set train.epochs=5 (repeatable; value read as YAML).",
 )
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+    print_error(message)  # one line, even when the message wraps a library's multi-line text
     raise typer.Exit(code)
 
 
@@ -66,11 +83,13 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, SystemExit):
+        except (typer.Exit, typer.Abort, SystemExit, UsageError):
             raise
+        except BrokenPipeError:  # `infl ... | head`: the reader went away; end quietly
+            raise typer.Exit(closed_pipe())
         except ConfigError as exc:
-            for line in exc.problems:
-                err.print(f"[bold red]error:[/bold red] {escape(line)}", highlight=False, soft_wrap=True)
+            for line in exc.problems:  # one line per problem
+                print_error(line)
             raise typer.Exit(2)
         except InflError as exc:
             fail(str(exc), exc.exit_code)
@@ -86,7 +105,7 @@ def handle_errors(fn: F) -> F:
 
 
 ShardOption = typer.Option(
-    None, "--shard", help="Job arrays: do only block i of n of the training set (e.g. --shard 0/4) and write a "
+    None, "--shard", metavar="I/N", help="Job arrays: do only block i of n of the training set (e.g. --shard 0/4) and write a "
     "partial result under runs/<name>/shards/; combine them with `infl merge`.",
 )
 
@@ -99,9 +118,10 @@ def open_session(config: Optional[str], overrides: Optional[List[str]]) -> Any:
     from influence_cli.progress import Reporter, RichReporter
 
     cfg = load_config(config, overrides or [])
+    log.debug(f"config {cfg.source_file}: run directory {cfg.run_dir()}, strategy {cfg.influence.strategy}")
     dist = init_from_env(cfg.influence.device)
     if not dist.is_main:
-        err.quiet = True
+        silence_rank()
     return Session(cfg, RichReporter(err) if dist.is_main else Reporter(), dist=dist)
 
 
@@ -255,6 +275,7 @@ def self_influence_command(
 def score(
     test_csv: Path = typer.Argument(
         ...,
+        metavar="TEST_CSV",
         help="CSV of test rows: an 'index' column (rows of the test split), 'path' (image files, relative to the CSV) "
         "or the feature columns of a table; optional 'label' and 'id' columns.",
         show_default=False,
@@ -349,7 +370,7 @@ def check(
     Flagged examples follow audit.flag (see README). With --baseline only new suspects count.
     Appends a Markdown summary to $GITHUB_STEP_SUMMARY when that is set.
     """
-    from influence_cli.audit.check import junit_xml, markdown_summary
+    from influence_cli.audit.check import describe, junit_xml, markdown_summary
     from influence_cli.audit.report import render_self_influence_table, write_csv
     from influence_cli.pipeline import run_check
     from influence_cli.run import atomic_write_text
@@ -371,7 +392,7 @@ def check(
     if write_baseline is not None:
         flagged = outcome.self_influence.table
         write_csv(flagged[flagged["flagged"]], write_baseline)
-        err.print(f"baseline: {int(flagged['flagged'].sum())} flagged examples → {escape(str(write_baseline))}")
+        err.print(f"baseline: {int(flagged['flagged'].sum())} flagged examples → {escape(str(write_baseline))}", soft_wrap=True)
     if junit is not None:
         atomic_write_text(junit, junit_xml(result, f"infl check {name}"))
     summary_md = markdown_summary(result, name)
@@ -382,15 +403,15 @@ def check(
         with open(step_summary, "a", encoding="utf-8") as handle:
             handle.write(summary_md)
     if len(result.offenders):
-        render_self_influence_table(result.offenders, 20, err, f"{name}: flagged examples not in the baseline")
+        caption = f"{result.flagged_total} of {result.total} training examples flagged"
+        if result.baseline_used:
+            caption += f", {result.baseline_matched} accepted in the baseline"
+        title = f"{name}: flagged examples" + (" not in the baseline" if result.baseline_used else "")
+        render_self_influence_table(result.offenders, 20, err, title, caption=caption)
     for threshold in result.thresholds:
         mark = "[green]pass[/green]" if threshold.passed else "[bold red]FAIL[/bold red]"
         err.print(f"{mark} {threshold.name}: {threshold.describe()} ({outcome.thresholds_from})", highlight=False)
-    err.print(
-        f"{result.total} examples, {result.flagged_total} flagged, {result.baseline_matched} in the baseline, "
-        f"{len(result.offenders)} counted → {escape(str(session.run.root / 'check.csv'))}",
-        highlight=False,
-    )
+    err.print(f"{describe(result)} → {escape(str(session.run.root / 'check.csv'))}", highlight=False, soft_wrap=True)
     if not result.passed:
         raise typer.Exit(1)
 
@@ -429,7 +450,8 @@ def evaluate(
     test_rows: int = typer.Option(100, "--test-rows", min=1, help="LDS: the first N rows of the test split."),
     measurement: str = typer.Option("loss", "--measurement", "-m", help="LDS: loss or margin."),
     strategies: Optional[List[str]] = typer.Option(
-        None, "--strategy", "-s", help="Strategy to evaluate (repeatable; default: every fast registered strategy)."
+        None, "--strategy", "-s", metavar="NAME",
+        help="Strategy to evaluate (repeatable; default: every fast registered strategy).",
     ),
 ) -> None:
     """Check how far to trust the rankings on your own data: injected-noise detection and LDS.
@@ -471,7 +493,7 @@ def merge(
     config: Optional[str] = ConfigOption,
     set_: Optional[List[str]] = SetOption,
     stage: Optional[List[str]] = typer.Option(
-        None, "--stage", help="Merge only this stage (factors-<strategy>, self-influence-<strategy>, score-<stem>); "
+        None, "--stage", metavar="STAGE", help="Merge only this stage (factors-<strategy>, self-influence-<strategy>, score-<stem>); "
         "default: every stage with shard files under runs/<name>/shards/.",
     ),
 ) -> None:
@@ -498,12 +520,12 @@ def merge(
 @handle_errors
 def config_list() -> None:
     """List the bundled configs (use them with -c NAME)."""
-    from influence_cli.config import DEFAULT_CONFIG, bundled_configs, load_config
+    from influence_cli.config import DEFAULT_CONFIG, bundled_configs, bundled_summary
 
     for name, path in sorted(bundled_configs().items()):
-        cfg = load_config(name)
+        source, arch = bundled_summary(path)
         mark = " (default)" if name == DEFAULT_CONFIG else ""
-        typer.echo(f"{name}{mark}\t{cfg.data.source} / {cfg.model.arch}")
+        typer.echo(f"{name}{mark}\t{source} / {arch}")
 
 
 @config_app.command("show")
@@ -524,8 +546,15 @@ def version_callback(value: bool) -> None:
 @app.callback()
 def root(
     version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Show the version."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="Print errors only: no tables, progress bars, messages or warnings."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print debug messages (config, run directory)."),
 ) -> None:
     """Audit labelled training data with influence functions."""
+    if quiet and verbose:
+        raise UsageError("-q/--quiet and -v/--verbose exclude each other; give one")
+    configure_output(quiet=quiet, verbose=verbose)
 
 
 def main() -> None:

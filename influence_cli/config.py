@@ -9,36 +9,58 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from influence_cli.errors import ConfigError
 
 DEFAULT_CONFIG = "digits-mlp"
 
+#: Seeds reach sklearn's ``random_state`` (and numpy's legacy RandomState), which take 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
+
+
+def _not_bool(value: Any) -> Any:
+    """YAML reads yes/no/true/false as booleans; a number field must not take them as 1/0."""
+    if isinstance(value, bool):
+        raise ValueError(f"{str(value).lower()} is a YAML boolean, not a number; write a number")
+    return value
+
+
+#: Numbers of the schema: a YAML boolean is refused instead of read as 1 or 0.
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+#: A positive size (layer width, channel count, image side): at least 1.
+Size = Annotated[int, BeforeValidator(_not_bool), Field(ge=1)]
+Seed = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=MAX_SEED)]
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `lr: .inf` or `damping_factor: .nan` are refused at load time.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LabelNoiseConfig(_Strict):
     """Flip a fraction of the training labels on purpose, to evaluate detection."""
 
-    fraction: float = Field(0.0, ge=0.0, le=1.0)
+    fraction: Float = Field(0.0, ge=0.0, le=1.0)
     kind: Literal["uniform", "class_conditional"] = "uniform"
-    seed: int = 0
+    seed: Seed = 0
 
 
 class SyntheticConfig(_Strict):
     """Seeded classification data of any input shape (tests and benchmarks)."""
 
-    num_train: int = Field(1000, ge=1)
-    num_test: int = Field(200, ge=1)
-    shape: list[int] = Field(default_factory=lambda: [20])
-    num_classes: int = Field(10, ge=2)
-    separation: float = Field(2.0, ge=0.0, description="distance between class means, in noise std units")
+    num_train: Int = Field(1000, ge=1)
+    num_test: Int = Field(200, ge=1)
+    shape: list[Size] = Field(default_factory=lambda: [20], min_length=1, description="input shape, e.g. [20] or [3, 32, 32]")
+    num_classes: Int = Field(10, ge=2)
+    separation: Float = Field(2.0, ge=0.0, description="distance between class means, in noise std units")
+
+
+TORCHVISION_SOURCES = ("mnist", "fashion_mnist", "cifar10")
 
 
 class DataConfig(_Strict):
@@ -50,14 +72,14 @@ class DataConfig(_Strict):
     path: Optional[str] = Field(None, description="image folder, CSV manifest or table CSV holding all examples")
     train_path: Optional[str] = Field(None, description="separate training folder/file (with test_path)")
     test_path: Optional[str] = Field(None, description="separate test folder/file (with train_path)")
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="stratified, seeded test split when one path is given")
+    test_fraction: Float = Field(0.2, gt=0.0, lt=1.0, description="stratified, seeded test split when one path is given")
     label_column: str = "label"
     id_column: Optional[str] = None
     feature_columns: Optional[list[str]] = None
-    image_size: Optional[list[int]] = Field(None, description="[height, width] to resize images to")
+    image_size: Optional[list[Int]] = Field(None, description="[height, width] to resize images to")
     grayscale: bool = False
     standardize: bool = True
-    limit: Optional[int] = Field(None, ge=1, description="use only the first N training examples")
+    limit: Optional[Int] = Field(None, ge=1, description="use only the first N training examples")
     cache: bool = Field(
         True, description="keep the decoded splits in runs/<name>/cache/ (digits, table, image_folder, csv_manifest) "
         "so later commands skip decoding; rebuilt when a source file changes"
@@ -72,9 +94,30 @@ class DataConfig(_Strict):
             raise ValueError("must be [height, width] with positive integers")
         return value
 
+    @field_validator("feature_columns")
+    @classmethod
+    def _feature_columns(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        if value is not None:
+            if not value:
+                raise ValueError("the list is empty; name at least one column, or use null for every other column")
+            repeated = sorted({c for c in value if value.count(c) > 1})
+            if repeated:
+                raise ValueError(f"column '{repeated[0]}' is listed twice; list every column once")
+        return value
+
     @model_validator(mode="after")
     def _paths_fit_source(self) -> "DataConfig":
         file_sources = {"image_folder", "csv_manifest", "table"}
+        if self.source in TORCHVISION_SOURCES and self.root is None:
+            raise ValueError(
+                f"source '{self.source}' needs data.root: the folder holding the dataset "
+                "(with data.download: true it is downloaded there)"
+            )
+        if self.id_column is not None and self.id_column == self.label_column:
+            raise ValueError(f"data.id_column and data.label_column are both '{self.label_column}'; use two different columns")
+        if self.feature_columns and (self.label_column in self.feature_columns or self.id_column in self.feature_columns):
+            column = self.label_column if self.label_column in self.feature_columns else self.id_column
+            raise ValueError(f"data.feature_columns lists '{column}', the label/id column; remove it from feature_columns")
         if self.source in file_sources:
             if (self.train_path is None) != (self.test_path is None):
                 raise ValueError("give both train_path and test_path, or path with test_fraction")
@@ -83,14 +126,44 @@ class DataConfig(_Strict):
         return self
 
 
+BUILTIN_ARCHS = ("mlp", "cnn", "factory")
+
+
+def torchvision_classifiers() -> list[str]:
+    """Names of torchvision's classification models (imports torchvision: only called for
+    an arch that is not built in)."""
+    import torchvision.models
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
 class ModelConfig(_Strict):
     arch: str = Field("mlp", description="mlp, cnn, a torchvision model name (resnet18, ...), or factory")
-    hidden_sizes: list[int] = Field(default_factory=lambda: [128], description="mlp hidden layer widths")
-    channels: list[int] = Field(default_factory=lambda: [32, 64], description="cnn conv channels")
+    hidden_sizes: list[Size] = Field(
+        default_factory=lambda: [128], description="mlp hidden layer widths; [] = no hidden layer (logistic regression)"
+    )
+    channels: list[Size] = Field(default_factory=lambda: [32, 64], min_length=1, description="cnn conv channels (at least one layer)")
     factory: Optional[str] = Field(None, description="'package.module:function' returning an nn.Module")
     factory_path: Optional[str] = Field(None, description="folder put on sys.path before importing the factory")
     factory_kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Optional[str] = Field(None, description="load this state_dict (.safetensors, .pt, .pth) instead of training")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if value in BUILTIN_ARCHS:
+            return value
+        names = torchvision_classifiers()
+        if value not in names:
+            import difflib
+
+            close = difflib.get_close_matches(value, [*BUILTIN_ARCHS, *names], n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(
+                f"unknown architecture '{value}'{hint}; use mlp, cnn, factory or a torchvision classification "
+                "model such as resnet18"
+            )
+        return value
 
     @model_validator(mode="after")
     def _factory_given(self) -> "ModelConfig":
@@ -104,12 +177,12 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(30, ge=0)
-    batch_size: int = Field(64, ge=1)
+    epochs: Int = Field(30, ge=1)
+    batch_size: Int = Field(64, ge=1)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    lr: Float = Field(1e-3, gt=0.0)
+    momentum: Float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: Float = Field(0.0, ge=0.0)
     device: str = "auto"
 
 
@@ -122,11 +195,13 @@ def _auto_or_positive(value: Any, *, allow_none: bool = False) -> Any:
         return None
     if value == "auto":
         return value
+    if isinstance(value, bool):
+        raise ValueError("must be 'auto' or a number > 0")
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise ValueError("must be 'auto' or a number > 0") from None
-    if not number > 0 or number != number or number == float("inf"):
+    if not 0 < number < float("inf"):  # also refuses nan
         raise ValueError("must be 'auto' or a number > 0")
     return number
 
@@ -137,18 +212,18 @@ class ExactConfig(_Strict):
     curvature: Literal["gauss_newton", "hessian"] = Field(
         "gauss_newton", description="gauss_newton (= true Fisher, positive semi-definite) or hessian"
     )
-    max_params: int = Field(20000, ge=1, description="refuse models with more tracked parameters (memory ~ 8 P^2 bytes)")
+    max_params: Int = Field(20000, ge=1, description="refuse models with more tracked parameters (memory ~ 8 P^2 bytes)")
 
 
 class LissaConfig(_Strict):
     """Stochastic Neumann-series solver: (H + lambda I)^-1 v by `depth` minibatch steps."""
 
     curvature: Literal["gauss_newton", "hessian"] = "gauss_newton"
-    depth: int = Field(3000, ge=1, description="recursion steps per solve")
+    depth: Int = Field(3000, ge=1, description="recursion steps per solve")
     scale: Union[float, str] = Field("auto", description="'auto' (from the largest curvature eigenvalue) or a number > 0")
     damping: Optional[Union[float, str]] = Field(None, description="null = influence.damping; 'auto' or a number > 0")
-    repeats: int = Field(1, ge=1, description="independent solves averaged")
-    batch_size: int = Field(64, ge=1, description="training examples per curvature product")
+    repeats: Int = Field(1, ge=1, description="independent solves averaged")
+    batch_size: Int = Field(64, ge=1, description="training examples per curvature product")
 
     @field_validator("scale", mode="before")
     @classmethod
@@ -164,7 +239,7 @@ class LissaConfig(_Strict):
 class InfluenceConfig(_Strict):
     strategy: str = "ekfac"
     damping: Union[float, str] = Field("auto", description="'auto' (damping_factor x the mean curvature eigenvalue) or a number")
-    damping_factor: Optional[float] = Field(
+    damping_factor: Optional[Float] = Field(
         None, gt=0.0,
         description="damping: auto = this factor x the mean curvature eigenvalue; null = the strategy's measured "
         "default (0.1; exact and lissa 3)",
@@ -181,22 +256,24 @@ class InfluenceConfig(_Strict):
     modules: Optional[list[str]] = Field(None, description="fnmatch patterns of layer names to track")
     device: str = "auto"
     dtype: Literal["float32", "float64"] = "float32"
-    batch_size: int = Field(256, ge=1)
+    batch_size: Int = Field(256, ge=1)
     amp: Optional[Literal["bfloat16", "float16"]] = Field(
         None, description="autocast the model's forward/backward (GPU); factors and scores accumulate in float32"
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes for sources that are not in-memory tensors")
+    num_workers: Int = Field(0, ge=0, description="DataLoader worker processes for sources that are not in-memory tensors")
 
     @field_validator("damping", mode="before")
     @classmethod
     def _damping(cls, value: Any) -> Union[str, float]:
         if value == "auto":
             return value
+        if isinstance(value, bool):
+            raise ValueError("must be 'auto' or a number >= 0")
         try:
             number = float(value)
         except (TypeError, ValueError):
             raise ValueError("must be 'auto' or a number >= 0") from None
-        if number < 0 or number != number:
+        if not 0 <= number < float("inf"):  # also refuses nan
             raise ValueError("must be 'auto' or a number >= 0")
         return number
 
@@ -204,6 +281,28 @@ class InfluenceConfig(_Strict):
     @classmethod
     def _device(cls, value: str) -> str:
         return _check_device(value)
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, value: str) -> str:
+        # The registry imports torch: import it only when a config is validated.
+        from influence_cli.influence.factors import available_strategies
+
+        names = list(available_strategies())
+        if value not in names:
+            import difflib
+
+            close = difflib.get_close_matches(value, names, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"unknown strategy '{value}'{hint}; use one of {', '.join(names)}")
+        return value
+
+    @field_validator("modules")
+    @classmethod
+    def _modules(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        if value is not None and not value:
+            raise ValueError("the list is empty, so no layer would be tracked; use null to track every Linear and Conv2d")
+        return value
 
     @field_validator("ensemble", mode="before")
     @classmethod
@@ -230,18 +329,18 @@ class FlagConfig(_Strict):
     """Which training examples get flagged as suspects (see README, "Flagging rule")."""
 
     rule: Literal["mad", "top_fraction"] = "mad"
-    k: float = Field(1.5, gt=0.0, description="mad: flag when log self-influence is more than k robust standard deviations above the median")
-    fraction: float = Field(0.02, gt=0.0, le=1.0, description="top_fraction: flag this share of the ranking")
+    k: Float = Field(1.5, ge=0.0, description="mad: flag when log self-influence is more than k robust standard deviations above the median")
+    fraction: Float = Field(0.02, gt=0.0, le=1.0, description="top_fraction: flag this share of the ranking")
     require_disagreement: bool = Field(True, description="only flag examples whose given label is not the model's choice")
 
 
 class CheckConfig(_Strict):
-    max_flagged_fraction: Optional[float] = Field(None, ge=0.0, le=1.0)
-    max_flagged: Optional[int] = Field(None, ge=0)
+    max_flagged_fraction: Optional[Float] = Field(None, ge=0.0, le=1.0)
+    max_flagged: Optional[Int] = Field(None, ge=0)
 
 
 class AuditConfig(_Strict):
-    top: int = Field(20, ge=1)
+    top: Int = Field(20, ge=1)
     flag: FlagConfig = Field(default_factory=FlagConfig)
     check: CheckConfig = Field(default_factory=CheckConfig)
 
@@ -252,7 +351,7 @@ class OutputConfig(_Strict):
 
 class Config(_Strict):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    seed: int = 0
+    seed: Seed = 0
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -319,6 +418,15 @@ def bundled_configs() -> dict[str, Path]:
     return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
 
 
+def bundled_summary(path: Path) -> tuple[str, str]:
+    """(data.source, model.arch) of a bundled config, read without validating it (so that
+    `infl config list` does not import torch; the tests validate every bundled config)."""
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    source = (raw.get("data") or {}).get("source", DataConfig.model_fields["source"].default)
+    arch = (raw.get("model") or {}).get("arch", ModelConfig.model_fields["arch"].default)
+    return str(source), str(arch)
+
+
 def find_config(name_or_path: Optional[str]) -> tuple[Path, bool]:
     """Return (path, is_bundled) for a -c argument: an existing path or a bundled name."""
     if name_or_path is None:
@@ -366,19 +474,43 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], label: str) -> d
     return data
 
 
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
+
+
+def _shown(value: Any) -> str:
+    """A config value as the user typed it (YAML-like), for messages."""
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool) or value is None:
+        return yaml.safe_dump(value).split("\n")[0]
+    return str(value)
+
+
+def _message(item: Any) -> str:
+    """One pydantic error in the config's terms: what is wrong; what to do."""
+    kind, msg, ctx = item["type"], item["msg"], item.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling; see `infl config show` for valid keys)"
+    if kind in _BOUNDS:
+        key, op = _BOUNDS[kind]
+        return f"{_shown(item['input'])} is out of range; use a number {op} {ctx[key]}"
+    if kind == "finite_number":
+        return f"{_shown(item['input'])} is not a finite number; use a finite number"
+    if kind == "too_short":
+        return f"needs at least {ctx['min_length']} entr{'y' if ctx['min_length'] == 1 else 'ies'}, got {ctx['actual_length']}"
+    if msg.startswith("Value error, "):
+        return msg[len("Value error, "):]
+    return msg
+
+
 def _format_errors(label: str, error: ValidationError) -> list[str]:
     problems = []
     for item in error.errors():
-        loc = [str(x) for x in item["loc"] if not str(x).startswith("function-after")]
+        loc = [x for x in item["loc"] if not str(x).startswith("function-")]
         # pydantic puts union branch names into loc; keep only real field names.
         loc = [x for x in loc if x not in ("float", "literal['auto']", "str", "int", "list[str]")]
-        path = ".".join(loc) or "(top level)"
-        msg = item["msg"]
-        if item["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see `infl config show` for valid keys)"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        problems.append(f"{label}: {path}: {msg}")
+        path = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".") or "(top level)"
+        problems.append(f"{label}: {path}: {_message(item)}")
     # Unions report one error per branch for the same path; keep the first per path.
     seen: set[str] = set()
     unique = []

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pickle
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -73,6 +75,17 @@ def _torchvision(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: in
         raise ModelError(f"model.arch: torchvision '{cfg.arch}' cannot be built here: {exc}") from None
 
 
+def _names_parameter(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function``'s signature has a parameter called ``name`` that can be passed by
+    keyword (not merely absorbed by ``**kwargs``)."""
+    try:
+        params = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # some builtins have no signature
+        return False
+    param = params.get(name)
+    return param is not None and param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
 def _factory(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     assert cfg.factory is not None
     module_name, _, function_name = cfg.factory.partition(":")
@@ -88,10 +101,10 @@ def _factory(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -
     if not callable(function):
         raise ModelError(f"model.factory: '{module_name}' has no function '{function_name}'")
     kwargs = dict(cfg.factory_kwargs)
-    params = inspect.signature(function).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    # input_shape / num_classes only go to a factory that names them: one taking **kwargs
+    # (torchvision's resnet18 forwards them to ResNet.__init__) gets factory_kwargs alone.
     for key, value in (("input_shape", tuple(input_shape)), ("num_classes", num_classes)):
-        if key in params or accepts_any:
+        if _names_parameter(function, key):
             kwargs.setdefault(key, value)
     try:
         model = function(**kwargs)
@@ -133,6 +146,21 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: unknown checkpoint format '{suffix}' (use .safetensors, .pt or .pth)")
     except CheckpointError:
         raise
+    except pickle.UnpicklingError as exc:
+        # torch's weights_only refusal spans many lines (and suggests weights_only=False): one line here
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise CheckpointError(
+                f"{path}: holds a pickled Python object ({found.group(1)}), not only tensors, and is not "
+                "unpickled for safety; save a plain state_dict (torch.save(model.state_dict(), path)) or "
+                "convert it to .safetensors"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        reason = detail.group(1).strip() if detail else (text.strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint (corrupt, truncated or not a state_dict): {reason[:200]}"
+        ) from None
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: cannot read checkpoint (corrupt, truncated or not a state_dict): {first[:200]}") from None

@@ -622,7 +622,8 @@ def finish_self_influence(
 # ----------------------------------------------------------------------------- scores
 
 SCORE_COLUMNS = [
-    "test_id", "test_label", "test_predicted", "rank", "train_index", "train_id", "train_label", "influence", "role",
+    "test_id", "test_index", "test_label", "test_predicted", "rank", "train_index", "train_id", "train_label", "influence",
+    "role",
 ]
 
 
@@ -652,10 +653,13 @@ def _score_rows(
 
     labels = queries.labels.numpy()
     train_labels = train.labels.numpy()
+    test_rows = getattr(queries, "indices", None)
     rows = []
     for t in range(len(queries.ids)):
         test_label = class_names[labels[t]] if labels[t] >= 0 else ""
-        common = (queries.ids[t], test_label, class_names[int(predicted[t])])
+        # test_index: the row of the test split the user asked for (an 'index' column), else empty
+        test_index = int(test_rows[t]) if test_rows is not None else ""
+        common = (queries.ids[t], test_index, test_label, class_names[int(predicted[t])])
         for role, values, indices, keep in (
             ("proponent", values_p[t], index_p[t], lambda v: v > 0),
             ("opponent", values_o[t], index_o[t], lambda v: v < 0),

@@ -10,6 +10,7 @@ import contextlib
 from typing import Any, Callable, Iterator, Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -46,6 +47,9 @@ class RichReporter(Reporter):
             yield lambda n: progress.advance(task_id, n)
 
     def _progress(self) -> Progress:
+        # Bars only on an interactive terminal. Elsewhere (a log file, a pipe, CI, TERM=dumb)
+        # rich cannot redraw, and each finished Progress printed an empty line (Progress.stop
+        # on a console that is not interactive): the blank lines that opened every output.
         return Progress(
             TextColumn("[bold blue]{task.description}"),
             BarColumn(),
@@ -54,6 +58,7 @@ class RichReporter(Reporter):
             TimeRemainingColumn(),
             console=self.console,
             transient=True,
+            disable=not self.console.is_interactive,
         )
 
     @contextlib.contextmanager
@@ -70,7 +75,7 @@ class RichReporter(Reporter):
             yield advance
 
     def info(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        self.console.print(escape(message), highlight=False, soft_wrap=True)
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        self.console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)

@@ -72,3 +72,17 @@ def test_read_baseline(tmp_path: Path) -> None:
     (tmp_path / "noid.csv").write_text("a,b\n1,2\n")
     with pytest.raises(DataError, match="no 'id' column"):
         read_baseline(tmp_path / "noid.csv")
+
+
+def test_describe_mentions_the_baseline_only_when_given() -> None:
+    from influence_cli.audit.check import describe
+
+    frame = table([True, True, False, True] + [False] * 96)
+    plain = evaluate_check(frame, max_flagged_fraction=0.02, max_flagged=None)
+    assert describe(plain) == "100 examples, 3 flagged"
+    assert "baseline" not in markdown_summary(plain, "digits")
+    based = evaluate_check(frame, max_flagged_fraction=0.02, max_flagged=None, baseline_ids={"ex0", "ex3"})
+    assert describe(based) == "100 examples, 3 flagged: 2 accepted in the baseline, 1 new (counted)"
+    assert "- flagged: 3 (2 accepted in the baseline, 1 new)" in markdown_summary(based, "digits")
+    empty = evaluate_check(frame, max_flagged_fraction=0.02, max_flagged=None, baseline_ids=set())
+    assert empty.baseline_used and describe(empty).endswith("0 accepted in the baseline, 3 new (counted)")

@@ -165,8 +165,13 @@ def test_score_command(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "runs" / "tiny" / "scores" / "queries.csv", keep_default_na=False)
     assert list(table.columns) == [
-        "test_id", "test_label", "test_predicted", "rank", "train_index", "train_id", "train_label", "influence", "role",
+        "test_id", "test_index", "test_label", "test_predicted", "rank", "train_index", "train_id", "train_label",
+        "influence", "role",
     ]
+    first_rows = table.drop_duplicates("test_id")
+    assert list(first_rows["test_index"]) == [0, 1]  # the index the user wrote, next to the id
+    assert all(str(i).startswith("test/") for i in first_rows["test_id"])
+    assert "index 0" in result.stderr and "index 1" in result.stderr  # shown in the table too
     assert set(table["role"]) <= {"proponent", "opponent"}
     assert (table[table["role"] == "proponent"]["influence"] > 0).all()
     assert (table[table["role"] == "opponent"]["influence"] < 0).all()
@@ -213,3 +218,74 @@ def test_report_command(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     html_text = (tmp_path / "runs" / "tiny" / "report.html").read_text()
     assert "<html" in html_text.lower() and "f1" in html_text
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("influence.strategy=ekfak", "influence.strategy: unknown strategy 'ekfak' (did you mean ekfac?)"),
+        ("model.arch=resnet1", "model.arch: unknown architecture 'resnet1'"),
+        ("train.epochs=0", "train.epochs: 0 is out of range; use a number >= 1"),
+    ],
+)
+def test_every_command_validates_the_whole_config_before_working(tmp_path: Path, override: str, expected: str) -> None:
+    path = write_config(tmp_path, table_config(tmp_path))
+    queries = tmp_path / "queries.csv"
+    queries.write_text("index\n0\n")
+    for command in (["train"], ["fit-factors"], ["self-influence"], ["score", str(queries)], ["check"], ["report"],
+                    ["evaluate"], ["merge"], ["config", "show"]):
+        result = invoke(*command, "-c", str(path), "--set", override)
+        assert result.exit_code == 2, (command, result.output)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {expected}"), (command, result.stderr)
+        assert not (tmp_path / "runs").exists(), command  # nothing was trained or written
+
+
+def test_check_output_with_and_without_baseline(tmp_path: Path) -> None:
+    flag = {"flag": {"rule": "top_fraction", "fraction": 0.2, "require_disagreement": False}}
+    path = write_config(tmp_path, table_config(tmp_path, audit=flag))
+    check_csv = tmp_path / "runs" / "tiny" / "check.csv"
+
+    plain = invoke("check", "-c", str(path), "--write-baseline", str(tmp_path / "all.csv"))
+    assert plain.exit_code == 1, plain.output  # 9 of 45 flagged > the 2 % default
+    lines = [line.strip() for line in plain.stderr.splitlines()]
+    assert "tiny: flagged examples" in lines  # no baseline: no "not in the baseline"
+    assert "9 of 45 training examples flagged · showing the top 9" in lines  # the whole training set
+    assert f"45 examples, 9 flagged → {check_csv}" in lines
+    assert "in the baseline" not in plain.stderr and "accepted" not in plain.stderr
+
+    accepted = pd.read_csv(tmp_path / "all.csv", keep_default_na=False).head(4)
+    accepted.to_csv(tmp_path / "some.csv", index=False)
+    partial = invoke("check", "-c", str(path), "--baseline", str(tmp_path / "some.csv"))
+    assert partial.exit_code == 1, partial.output
+    lines = [line.strip() for line in partial.stderr.splitlines()]
+    assert "tiny: flagged examples not in the baseline" in lines
+    caption = "9 of 45 training examples flagged, 4 accepted in the baseline · showing the top 5"
+    assert caption in " ".join(partial.stderr.split())  # the caption wraps to the table's width
+    assert f"45 examples, 9 flagged: 4 accepted in the baseline, 5 new (counted) → {check_csv}" in lines
+    assert len(pd.read_csv(check_csv)) == 5
+
+    everything = invoke("check", "-c", str(path), "--baseline", str(tmp_path / "all.csv"), "--markdown", str(tmp_path / "s.md"))
+    assert everything.exit_code == 0, everything.output
+    assert f"45 examples, 9 flagged: 9 accepted in the baseline, 0 new (counted) → {check_csv}" in everything.stderr
+    assert "- flagged: 9 (9 accepted in the baseline, 0 new)" in (tmp_path / "s.md").read_text()
+    invoke("check", "-c", str(path), "--markdown", str(tmp_path / "plain.md"))
+    assert "- flagged: 9\n" in (tmp_path / "plain.md").read_text()
+
+
+def test_score_test_index_with_ids_and_features(tmp_path: Path) -> None:
+    path = write_config(tmp_path, table_config(tmp_path))
+    named = tmp_path / "named.csv"
+    named.write_text("index,id,label\n7,query-a,yes\n3,query-b,no\n")
+    result = invoke("score", str(named), "-c", str(path), "--top", "2", "-o", str(tmp_path / "named-out.csv"))
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "named-out.csv").read_text().splitlines()
+    assert lines[0].startswith("test_id,test_index,test_label,test_predicted,rank,")
+    table = pd.read_csv(tmp_path / "named-out.csv", keep_default_na=False).drop_duplicates("test_id")
+    assert list(zip(table["test_id"], table["test_index"])) == [("query-a", 7), ("query-b", 3)]
+    features = tmp_path / "features.csv"
+    features.write_text("f1,f2,f3\n0.5,0.1,-0.2\n")
+    result = invoke("score", str(features), "-c", str(path), "--top", "2", "-o", str(tmp_path / "features-out.csv"))
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "features-out.csv").read_text().splitlines()[1:]
+    assert rows and all(row.split(",")[:2] == ["0", ""] for row in rows)  # id 0, no test_index

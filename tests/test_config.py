@@ -104,3 +104,47 @@ def test_roundtrip_yaml() -> None:
     cfg = load_config("digits-cnn")
     again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
     assert again.model_dump() == cfg.model_dump()
+
+
+def test_strategy_checked_at_load_against_the_registry() -> None:
+    from influence_cli.influence.factors import available_strategies
+
+    for name in available_strategies():
+        assert config_from_dict({"name": "a", "influence": {"strategy": name}}).influence.strategy == name
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"name": "a", "influence": {"strategy": "ekfak"}}, label="exp.yaml")
+    names = ", ".join(available_strategies())
+    assert info.value.problems == [
+        f"exp.yaml: influence.strategy: unknown strategy 'ekfak' (did you mean ekfac?); use one of {names}"
+    ]
+
+
+def test_model_arch_checked_at_load() -> None:
+    for arch in ("mlp", "cnn", "resnet18", "mobilenet_v3_small"):
+        assert config_from_dict({"name": "a", "model": {"arch": arch}}).model.arch == arch
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"name": "a", "model": {"arch": "resnet1"}}, label="exp.yaml")
+    (line,) = info.value.problems
+    assert line.startswith("exp.yaml: model.arch: unknown architecture 'resnet1' (did you mean resnet18")
+    assert line.endswith("use mlp, cnn, factory or a torchvision classification model such as resnet18")
+    # torchvision's detection models are not classifiers with num_classes
+    with pytest.raises(ConfigError, match=r"model\.arch: unknown architecture 'fasterrcnn_resnet50_fpn'"):
+        config_from_dict({"name": "a", "model": {"arch": "fasterrcnn_resnet50_fpn"}})
+
+
+@pytest.mark.parametrize(
+    "section,expected",
+    [
+        ({"data": {"source": "mnist"}}, "data: source 'mnist' needs data.root"),
+        ({"data": {"feature_columns": []}}, "data.feature_columns: the list is empty"),
+        ({"data": {"feature_columns": ["a", "b", "a"]}}, "data.feature_columns: column 'a' is listed twice"),
+        ({"data": {"feature_columns": ["a", "label"]}}, "data: data.feature_columns lists 'label'"),
+        ({"data": {"id_column": "label"}}, "data: data.id_column and data.label_column are both 'label'"),
+        ({"influence": {"modules": []}}, "influence.modules: the list is empty, so no layer would be tracked"),
+    ],
+)
+def test_other_fields_checked_at_load(section: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"name": "a", **section}, label="exp.yaml")
+    (line,) = info.value.problems
+    assert line.startswith(f"exp.yaml: {expected}"), line

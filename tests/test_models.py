@@ -36,8 +36,9 @@ def test_torchvision_model() -> None:
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
     with pytest.raises(ModelError, match="3-channel"):
         build_model(ModelConfig(arch="resnet18"), (1, 8, 8), 4)
+    # the config refuses unknown names at load time; build_model still names the key for library callers
     with pytest.raises(ModelError, match="unknown architecture 'resnet999'"):
-        build_model(ModelConfig(arch="resnet999"), (3, 32, 32), 4)
+        build_model(ModelConfig.model_construct(arch="resnet999"), (3, 32, 32), 4)
 
 
 def test_factory(tmp_path: Path) -> None:
@@ -102,3 +103,35 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     torch.save({"w": collections.OrderedDict(a=print)}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError):
         read_state_dict(tmp_path / "evil.pt")
+
+
+def test_factory_gets_input_shape_and_num_classes_only_when_named(tmp_path: Path) -> None:
+    (tmp_path / "kwfactories.py").write_text(
+        "import torch.nn as nn\n"
+        "SEEN = {}\n"
+        "def any_kwargs(**kwargs):\n"
+        "    SEEN['any_kwargs'] = dict(kwargs)\n"
+        "    return nn.Linear(kwargs.get('width', 5), 3)\n"
+        "def named_classes(*, num_classes, **kwargs):\n"
+        "    SEEN['named_classes'] = dict(kwargs, num_classes=num_classes)\n"
+        "    return nn.Linear(5, num_classes)\n"
+    )
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = importlib.import_module("kwfactories")
+        build_model(ModelConfig(arch="factory", factory="kwfactories:any_kwargs", factory_kwargs={"width": 5}), (5,), 3)
+        assert module.SEEN["any_kwargs"] == {"width": 5}  # no input_shape, no num_classes
+        build_model(ModelConfig(arch="factory", factory="kwfactories:named_classes"), (5,), 4)
+        assert module.SEEN["named_classes"] == {"num_classes": 4}  # named: passed; input_shape: not named
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("kwfactories", None)
+
+
+def test_factory_torchvision_resnet18_with_factory_kwargs() -> None:
+    cfg = ModelConfig(arch="factory", factory="torchvision.models:resnet18", factory_kwargs={"num_classes": 10})
+    model = build_model(cfg, (3, 32, 32), 10)  # weights=None is torchvision's default: no download
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -39,6 +39,7 @@ class CheckResult:
     baseline_matched: int
     offenders: pd.DataFrame
     thresholds: list[Threshold] = field(default_factory=list)
+    baseline_used: bool = False  # a --baseline was given (even an empty one)
 
     @property
     def passed(self) -> bool:
@@ -71,10 +72,9 @@ def evaluate_check(
 ) -> CheckResult:
     """Count flagged examples not in the baseline and compare with each threshold."""
     flagged = table[table["flagged"].astype(bool)]
-    baseline_ids = baseline_ids or set()
-    in_baseline = flagged["id"].astype(str).isin(baseline_ids)
+    in_baseline = flagged["id"].astype(str).isin(baseline_ids or set())
     offenders = flagged[~in_baseline].reset_index(drop=True)
-    result = CheckResult(len(table), len(flagged), int(in_baseline.sum()), offenders)
+    result = CheckResult(len(table), len(flagged), int(in_baseline.sum()), offenders, baseline_used=baseline_ids is not None)
     if max_flagged_fraction is not None:
         value = result.offender_fraction
         result.thresholds.append(Threshold("max_flagged_fraction", max_flagged_fraction, value, value <= max_flagged_fraction))
@@ -110,6 +110,14 @@ def junit_xml(result: CheckResult, suite_name: str = "infl check") -> str:
     return ET.tostring(suite, encoding="unicode", xml_declaration=True)
 
 
+def describe(result: CheckResult) -> str:
+    """One summary line: examples, flagged and, with a baseline, how many it accepted."""
+    text = f"{result.total} examples, {result.flagged_total} flagged"
+    if result.baseline_used:
+        text += f": {result.baseline_matched} accepted in the baseline, {len(result.offenders)} new (counted)"
+    return text
+
+
 def markdown_summary(result: CheckResult, name: str, top: int = 10) -> str:
     """A short Markdown report for GITHUB_STEP_SUMMARY or a file."""
     status = "✅ passed" if result.passed else "❌ failed"
@@ -117,7 +125,8 @@ def markdown_summary(result: CheckResult, name: str, top: int = 10) -> str:
         f"## infl check — {html.escape(name)}: {status}",
         "",
         f"- examples: {result.total}",
-        f"- flagged: {result.flagged_total} ({result.baseline_matched} accepted in the baseline, {len(result.offenders)} new)",
+        f"- flagged: {result.flagged_total}"
+        + (f" ({result.baseline_matched} accepted in the baseline, {len(result.offenders)} new)" if result.baseline_used else ""),
     ]
     for threshold in result.thresholds:
         lines.append(f"- {'✅' if threshold.passed else '❌'} `{threshold.name}`: {threshold.describe()}")
@@ -138,6 +147,7 @@ def summary_dict(result: CheckResult) -> dict[str, Any]:
         "examples": result.total,
         "flagged": result.flagged_total,
         "baseline_matched": result.baseline_matched,
+        "baseline_used": result.baseline_used,
         "offenders": len(result.offenders),
         "thresholds": [t.__dict__ for t in result.thresholds],
     }

@@ -239,14 +239,21 @@ def render_self_influence_table(
     top: int,
     console: Console,
     title: str = "Most self-influential training examples",
+    caption: Optional[str] = None,
 ) -> None:
-    """Print the top ``top`` rows of a ranking as a rich table (flagged rows highlighted)."""
+    """Print the top ``top`` rows of a ranking as a rich table (flagged rows highlighted).
+
+    The caption counts the flagged rows of ``df``, which must then be the whole training
+    set; a table of some rows only (``infl check``'s offenders) passes its own ``caption``.
+    """
     n = len(df)
     flagged_total = int(df["flagged"].sum()) if n else 0
     shown = df.head(max(int(top), 0))
+    if caption is None:
+        caption = f"{flagged_total} of {n} training examples flagged"
     table = Table(
         title=escape(str(title)),
-        caption=f"{flagged_total} of {n} training examples flagged · showing the top {len(shown)}",
+        caption=f"{escape(caption)} · showing the top {len(shown)}",
         box=box.SIMPLE_HEAVY,
         header_style="bold",
         title_style="bold",

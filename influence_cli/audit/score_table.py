@@ -34,7 +34,10 @@ def render_score_table(table: pd.DataFrame, console: Console, *, title: str, per
                 for r in part.itertuples(index=False)
             ]
             cells.append("\n".join(lines) or "[dim]none[/dim]")
-        view.add_row(escape(str(test_id)), f"{escape(str(given))} → {escape(str(first['test_predicted']))}", *cells)
+        test_cell = escape(str(test_id))
+        if "test_index" in rows.columns and str(first["test_index"]) != "":
+            test_cell += f"\n[dim]index {escape(str(first['test_index']))}[/dim]"  # the row the user wrote
+        view.add_row(test_cell, f"{escape(str(given))} → {escape(str(first['test_predicted']))}", *cells)
     console.print(view)
     remaining = table["test_id"].nunique() - shown
     if remaining > 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ class QueryRows:
     labels: torch.Tensor  # (T,) int64, -1 = no label given
     ids: list[str]
     source_format: str  # "index" | "path" | "features"
+    indices: Optional[list[int]] = None  # rows of the test split, when the CSV gave an 'index' column
 
     @property
     def has_label(self) -> torch.Tensor:
@@ -101,7 +103,7 @@ def read_query_rows(csv_path: Path, config: Config, datasets: Datasets) -> Query
         if label_col is None:
             labels = [int(test.labels[k]) for k in picks]
         ids = ids_given or [f"test/{test.ids[k]}" for k in picks]
-        return QueryRows(inputs, torch.tensor(labels, dtype=torch.long), ids, "index")
+        return QueryRows(inputs, torch.tensor(labels, dtype=torch.long), ids, "index", indices=picks)
 
     if "path" in columns:
         if datasets.kind != "image":

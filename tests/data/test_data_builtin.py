@@ -10,7 +10,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from influence_cli.data import build_datasets
-from influence_cli.errors import DataError
+from influence_cli.errors import ConfigError, DataError
 
 from data_helpers import CIFAR_NAMES, write_fake_cifar, write_fake_mnist
 
@@ -125,8 +125,9 @@ def test_missing_torchvision_files_mention_download(cfg, tmp_path, source):
 
 
 def test_torchvision_root_required(cfg):
-    with pytest.raises(DataError, match="data.root"):
-        build_datasets(cfg(source="mnist"))
+    # refused when the config is loaded, before any data is read
+    with pytest.raises(ConfigError, match=r"data: source 'mnist' needs data\.root"):
+        cfg(source="mnist")
 
 
 def test_corrupt_cifar_batch(cfg, tmp_path):
