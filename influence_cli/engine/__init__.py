@@ -14,7 +14,7 @@ Layers (each imports only the ones above it):
 - batching, rng, kernels, tracked, storage, damping: loaders and devices, Fisher label
   sampling, GEMM / per-example-gradient / Gram kernels, tracked layers, the stored form;
 - capture: forward hooks recording per-example (a, g);
-- fitting, passes, eigen, blockfit, factors, precondition, block_scores: the block
+- fitting, passes, eigen, blockfit, factors, operators, block_scores: the block
   strategies (per-layer eigenbases + eigenvalues) and their fast scoring paths;
 - flat, curvature, solvers/: the strategies over the whole parameter vector;
 - scoring: the one self-influence / pairwise loop over any bound preconditioner;
@@ -54,8 +54,8 @@ _LAZY = {
     "measurement_loss": "scoring", "MEASUREMENTS": "scoring",
     # block strategies
     "Factors": "factors", "dense_preconditioner": "factors",
-    "LayerFactors": "precondition", "LayerOperator": "precondition", "precondition": "precondition",
-    "precondition_all": "precondition",
+    "LayerFactors": "operators", "LayerOperator": "operators", "precondition": "operators",
+    "precondition_all": "operators",
     "CovarianceSums": "passes", "bases_from_covariances": "eigen",
     "covariance_sums": "blockfit", "eigenvalue_sums": "blockfit", "MergedSums": "blockfit",
     "FitContext": "fitting",

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from influence_cli.engine.batching import model_dtype
 from influence_cli.engine.capture import LayerBatch
 from influence_cli.engine.kernels import Workspace, chunk_size, matmul_t, per_example_grads
-from influence_cli.engine.precondition import LayerOperator, operators
+from influence_cli.engine.operators import LayerOperator, operators
 from influence_cli.engine.tracked import column_order, to_internal_order, to_weight_order
 from influence_cli.errors import InfluenceError
 

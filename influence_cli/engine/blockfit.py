@@ -22,7 +22,7 @@ from influence_cli.engine.eigen import bases_from_covariances
 from influence_cli.engine.factors import Factors
 from influence_cli.engine.fitting import FitContext, make_context
 from influence_cli.engine.passes import CovarianceSums, covariance_pass, eigenvalue_pass
-from influence_cli.engine.precondition import LayerFactors
+from influence_cli.engine.operators import LayerFactors
 from influence_cli.engine.tracked import select_modules
 from influence_cli.errors import InfluenceError
 

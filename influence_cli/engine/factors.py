@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from influence_cli.engine.block_scores import BlockBound
-from influence_cli.engine.precondition import LayerFactors
+from influence_cli.engine.operators import LayerFactors
 from influence_cli.engine.storage import (
     FORMAT_VERSION,
     atomic_save,

@@ -197,3 +197,16 @@ def test_declarations_do_not_import_torch_at_module_level():
 def test_no_engine_module_is_over_400_lines():
     sizes = {p.relative_to(ENGINE).as_posix(): len(p.read_text(encoding="utf-8").splitlines()) for p in ENGINE.rglob("*.py")}
     assert {name: n for name, n in sizes.items() if n > 400} == {}
+
+
+def test_lazy_exports_do_not_shadow_submodules():
+    """A lazily exported name equal to a submodule's would turn into the module once the
+    submodule is imported."""
+    import pkgutil
+
+    import influence_cli.engine as engine
+
+    submodules = {m.name for m in pkgutil.iter_modules(engine.__path__)}
+    assert submodules & set(engine._LAZY) == set()
+    for name in engine.__all__:
+        assert getattr(engine, name) is not None, name
