@@ -61,10 +61,21 @@ ConfigOption = typer.Option(
     None, "--config", "-c", metavar="CONFIG",
     help="YAML config file, or the name of a bundled config (see `infl config list`); default digits-mlp.",
 )
-STRATEGY_HELP = (
-    "How (H + λI)⁻¹ is approximated: ekfac (default), kfac, diagonal, identity (plain gradients), "
-    "exact (dense solve, small models) or lissa (iterative, slow; settings in influence.lissa)."
-)
+
+
+def strategy_help() -> str:
+    """--strategy help from the registry: every strategy's name and description (the
+    registry and the strategy declarations do not import torch)."""
+    from influence_cli.engine import STRATEGIES
+
+    choices = "; ".join(
+        f"{name}: {cls.description}" + (f", settings in influence.{name}" if cls.options_type else "")
+        for name, cls in STRATEGIES.items()
+    )
+    return f"How (H + λI)⁻¹ is approximated (default: influence.strategy) — {choices}."
+
+
+STRATEGY_HELP = strategy_help()
 SetOption = typer.Option(
     None, "--set", metavar="KEY=VALUE",
     help="Override a config value, e.g. --set train.epochs=5 (repeatable; value read as YAML).",
@@ -142,9 +153,9 @@ def parse_shard_option(text: Optional[str]) -> Optional[tuple[int, int]]:
 def check_strategy(strategy: Optional[str]) -> Optional[str]:
     if strategy is None:
         return None
-    from influence_cli.influence.factors import available_strategies
+    from influence_cli.engine import strategy_names
 
-    names = list(available_strategies())
+    names = strategy_names()
     if strategy not in names:
         raise InflError(f"--strategy: unknown strategy '{strategy}' (choose from {', '.join(names)})")
     return strategy

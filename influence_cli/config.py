@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator,
+)
 
 from influence_cli.errors import ConfigError
 
@@ -186,56 +188,6 @@ class TrainConfig(_Strict):
     device: str = "auto"
 
 
-CURVATURES = ("gauss_newton", "hessian")
-
-
-def _auto_or_positive(value: Any, *, allow_none: bool = False) -> Any:
-    """Validate 'auto' or a number > 0 (None passes when allowed)."""
-    if value is None and allow_none:
-        return None
-    if value == "auto":
-        return value
-    if isinstance(value, bool):
-        raise ValueError("must be 'auto' or a number > 0")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError("must be 'auto' or a number > 0") from None
-    if not 0 < number < float("inf"):  # also refuses nan
-        raise ValueError("must be 'auto' or a number > 0")
-    return number
-
-
-class ExactConfig(_Strict):
-    """The dense solver: the full damped curvature over every tracked parameter."""
-
-    curvature: Literal["gauss_newton", "hessian"] = Field(
-        "gauss_newton", description="gauss_newton (= true Fisher, positive semi-definite) or hessian"
-    )
-    max_params: Int = Field(20000, ge=1, description="refuse models with more tracked parameters (memory ~ 8 P^2 bytes)")
-
-
-class LissaConfig(_Strict):
-    """Stochastic Neumann-series solver: (H + lambda I)^-1 v by `depth` minibatch steps."""
-
-    curvature: Literal["gauss_newton", "hessian"] = "gauss_newton"
-    depth: Int = Field(3000, ge=1, description="recursion steps per solve")
-    scale: Union[float, str] = Field("auto", description="'auto' (from the largest curvature eigenvalue) or a number > 0")
-    damping: Optional[Union[float, str]] = Field(None, description="null = influence.damping; 'auto' or a number > 0")
-    repeats: Int = Field(1, ge=1, description="independent solves averaged")
-    batch_size: Int = Field(64, ge=1, description="training examples per curvature product")
-
-    @field_validator("scale", mode="before")
-    @classmethod
-    def _scale(cls, value: Any) -> Union[str, float]:
-        return _auto_or_positive(value)
-
-    @field_validator("damping", mode="before")
-    @classmethod
-    def _lissa_damping(cls, value: Any) -> Optional[Union[str, float]]:
-        return _auto_or_positive(value, allow_none=True)
-
-
 class InfluenceConfig(_Strict):
     strategy: str = "ekfac"
     damping: Union[float, str] = Field("auto", description="'auto' (damping_factor x the mean curvature eigenvalue) or a number")
@@ -250,8 +202,6 @@ class InfluenceConfig(_Strict):
     ensemble: Union[int, list[str]] = Field(
         1, description="K models trained with seeds seed..seed+K-1, or a list of checkpoints; scores are averaged"
     )
-    exact: ExactConfig = Field(default_factory=ExactConfig)
-    lissa: LissaConfig = Field(default_factory=LissaConfig)
     fisher: Literal["true", "empirical"] = "true"
     modules: Optional[list[str]] = Field(None, description="fnmatch patterns of layer names to track")
     device: str = "auto"
@@ -285,10 +235,9 @@ class InfluenceConfig(_Strict):
     @field_validator("strategy")
     @classmethod
     def _strategy(cls, value: str) -> str:
-        # The registry imports torch: import it only when a config is validated.
-        from influence_cli.influence.factors import available_strategies
+        from influence_cli.engine import strategy_names
 
-        names = list(available_strategies())
+        names = list(strategy_names())
         if value not in names:
             import difflib
 
@@ -323,6 +272,67 @@ class InfluenceConfig(_Strict):
 
     def ensemble_size(self) -> int:
         return self.ensemble if isinstance(self.ensemble, int) else len(self.ensemble)
+
+    def strategy_options(self, strategy: str) -> Optional[dict[str, Any]]:
+        """The strategy's own settings (the ``influence.<strategy>`` section), None when
+        it declares none."""
+        if strategy in InfluenceConfig.model_fields or strategy not in type(self).model_fields:
+            return None
+        return getattr(self, strategy).model_dump(mode="python")
+
+
+# --------------------------------------------------------------- per-strategy sections
+# influence.<name> for every registered strategy that declares options: built from the
+# strategy's options dataclass (types, defaults, bounds, help, checks), so the keys, the
+# defaults and the error messages are the engine's own. Strategies registered after this
+# module was imported (plugins) get their section the next time a config is validated.
+
+
+def _check_before(check: Any) -> Any:
+    def run(cls: Any, value: Any) -> Any:
+        return check(value)
+
+    return run
+
+
+def _option_section(strategy: Any) -> type[BaseModel]:
+    """The pydantic model of ``influence.<strategy.name>``."""
+    from influence_cli.engine import option_specs
+
+    fields: dict[str, Any] = {}
+    validators: dict[str, Any] = {}
+    strict_numbers = {int: Int, float: Float}  # no YAML booleans, no inf/nan, as everywhere
+    for spec in option_specs(strategy.options_type):
+        fields[spec.name] = (strict_numbers.get(spec.type, spec.type), Field(spec.default, description=spec.help or None, **spec.bounds))
+        if spec.check is not None:
+            validators[f"_check_{spec.name}"] = field_validator(spec.name, mode="before")(_check_before(spec.check))
+    return create_model(
+        f"{strategy.__name__}Options",
+        __base__=_Strict, __doc__=strategy.options_type.__doc__, __validators__=validators, **fields,
+    )
+
+
+_CONFIG_MODELS: dict[tuple[Any, ...], type["Config"]] = {}
+
+
+def config_model() -> type["Config"]:
+    """Config with an ``influence.<name>`` section per registered strategy with options."""
+    from influence_cli.engine import STRATEGIES
+
+    specs = [(name, cls) for name, cls in STRATEGIES.items() if cls.options_type is not None]
+    key = tuple((name, cls.options_type) for name, cls in specs)
+    model = _CONFIG_MODELS.get(key)
+    if model is None:
+        sections = {}
+        for name, cls in specs:
+            if name in InfluenceConfig.model_fields:
+                raise ValueError(f"strategy {name!r} clashes with the influence.{name} setting; rename the strategy")
+            section = _option_section(cls)
+            sections[name] = (section, Field(default_factory=section))
+        influence = create_model("InfluenceConfig", __base__=InfluenceConfig, **sections)
+        model = create_model("Config", __base__=Config, influence=(influence, Field(default_factory=influence)))
+        _CONFIG_MODELS[key] = model
+    return model
 
 
 class FlagConfig(_Strict):
@@ -526,7 +536,7 @@ def config_from_dict(data: Any, label: str = "<config>", base_dir: Optional[Path
     if not isinstance(data, dict):
         raise ConfigError([f"{label}: (top level): expected a mapping of sections (name, data, model, ...)"])
     try:
-        config = Config.model_validate(data)
+        config = config_model().model_validate(data)
     except ValidationError as error:
         raise ConfigError(_format_errors(label, error)) from None
     config.base_dir = base_dir or Path.cwd()

@@ -280,12 +280,12 @@ def influence_dtype(config: Config) -> torch.dtype:
 def stale_reason(directory: Any, want: dict[str, Any]) -> Optional[str]:
     """Why stored factors cannot be used, or None when they are valid."""
     from influence_cli.data.fingerprint import describe_change
-    from influence_cli.influence.factors import Factors
+    from influence_cli.engine import read_meta
 
     if not (directory / "meta.json").is_file():
         return "incomplete or unreadable factors"
     try:
-        meta = Factors.read_meta(directory)
+        meta = read_meta(directory)
     except FactorsError:
         return "incomplete or unreadable factors"
     stored = meta.get("data") if isinstance(meta.get("data"), dict) else None
@@ -316,8 +316,7 @@ def ensure_factors(
     ``refit_stale`` and refit them, saying so, because their job is to audit the data as
     it is now (a CI check after a label change must not stop at a cache).
     """
-    from influence_cli.influence.factors import SOLVER_STRATEGIES, fit_factors
-    from influence_cli.influence.solvers import load_factors
+    from influence_cli.engine import fit_factors, get_strategy, load_factors
 
     config, run, reporter = session.config, session.run, session.reporter
     directory = run.factors_dir(strategy)
@@ -332,17 +331,15 @@ def ensure_factors(
             raise FactorsError(f"{directory}: {problem}; rerun with --overwrite to refit")
         reporter.info(f"factors in {directory}: {problem}; refitting")
     device = influence_device(config)
-    damping: Any = config.influence.damping
     dist = session.dist
-    solver = strategy in SOLVER_STRATEGIES
+    parallel = get_strategy(strategy).data_parallel
     options = solver_options(config, strategy)
-    if strategy == "lissa" and config.influence.lissa.damping is not None:
-        damping = config.influence.lissa.damping
-    if solver and dist.active and not dist.is_main:
-        # The solvers fit on the whole training set: rank 0 fits once, the others load it.
+    if not parallel and dist.active and not dist.is_main:
+        # Strategies without data parallelism fit on the whole training set: rank 0 fits
+        # once, the others load it.
         dist.barrier()
         return FactorsState(load_factors(directory), False, 0.0, directory)
-    bounds = (0, len(session.data().train)) if solver else shard_bounds(session)
+    bounds = shard_bounds(session) if parallel else (0, len(session.data().train))
     start = time.perf_counter()
 
     def fit(batch_size: int) -> Any:
@@ -351,7 +348,7 @@ def ensure_factors(
                 state.model,
                 train_loader(session, batch_size, bounds),
                 strategy,
-                damping=damping,
+                damping=config.influence.damping,
                 fisher=config.influence.fisher,
                 modules=config.influence.modules,
                 device=device,
@@ -360,7 +357,7 @@ def ensure_factors(
                 on_batch=on_batch,
                 damping_factor=config.influence.damping_factor,
                 damping_scope=config.influence.damping_scope,
-                dist=dist if dist.active and not solver else None,
+                dist=dist if dist.active and parallel else None,
                 amp=config.influence.amp,
                 options=options,
             )
@@ -379,22 +376,14 @@ def ensure_factors(
 
 
 def solver_options(config: Config, strategy: str) -> Optional[dict[str, Any]]:
-    """The strategy-specific settings of exact / lissa (None for the factor strategies)."""
-    if strategy == "exact":
-        return {"curvature": config.influence.exact.curvature, "max_params": config.influence.exact.max_params}
-    if strategy == "lissa":
-        lissa = config.influence.lissa
-        return {
-            "curvature": lissa.curvature, "depth": lissa.depth, "scale": lissa.scale,
-            "repeats": lissa.repeats, "batch_size": lissa.batch_size,
-        }
-    return None
+    """The strategy's own settings, ``influence.<strategy>`` (None when it has none)."""
+    return config.influence.strategy_options(strategy)
 
 
 def existing_factors(session: Session, state: ModelState, strategy: str, command: str) -> Any:
     """Stored factors that are valid for this checkpoint and config, or a one-line error
     (shard jobs and merge never fit factors themselves: n jobs would fit them n times)."""
-    from influence_cli.influence.solvers import load_factors
+    from influence_cli.engine import load_factors
 
     directory = session.run.factors_dir(strategy)
     want = session.factors_want(state, strategy)
@@ -412,7 +401,7 @@ def self_influence_scores(
 ) -> torch.Tensor:
     """Self-influence of the training set: this rank's (or --shard job's) block, gathered
     over ranks in global index order. With ``shard`` only that block is returned."""
-    from influence_cli.influence.scores import self_influence
+    from influence_cli.engine.scoring import self_influence
 
     config = session.config
     bounds = shard_bounds(session, shard)
@@ -459,18 +448,11 @@ def ensure_members(session: Session) -> list[Member]:
 
 
 def warn_solver_limits(session: Session, factors: Any, *, per_example: bool) -> None:
-    """LiSSA's cost and convergence, said before the slow part starts."""
-    if getattr(factors, "strategy", None) != "lissa":
-        return
-    if per_example:
-        session.reporter.warn(f"{factors.cost_note} (slow: use ekfac or exact for a full audit)")
-    left = factors.unconverged_fraction
-    if left > 0.1:
-        session.reporter.warn(
-            f"LiSSA: with damping {factors.damping:.3g} and scale {factors.scale:.3g}, depth {factors.depth} leaves "
-            f"{100 * left:.0f} % of the solution along the flattest curvature directions unreached; "
-            f"set influence.lissa.depth to about {factors.depth_for(0.1)} or raise influence.lissa.damping"
-        )
+    """The strategy's own warnings (LiSSA: cost and convergence), said before the slow part."""
+    from influence_cli.engine import strategy_warnings
+
+    for message in strategy_warnings(factors, per_example=per_example):
+        session.reporter.warn(message)
 
 
 def members_factors(members: list[Member], strategy: str) -> list[FactorsState]:
@@ -520,7 +502,7 @@ def members_pairwise(
     ``top`` is given. One member streams with a running top-k; an ensemble needs each
     member's full matrix (T × N floats) to average before ranking. Under torchrun every
     rank scores its block of training columns and the blocks are gathered."""
-    from influence_cli.influence.scores import TopInfluences
+    from influence_cli.engine.scoring import TopInfluences
 
     fstates = fstates or members_factors(members, strategy)
     total = None
@@ -753,7 +735,7 @@ def pairwise_block(
 ) -> Any:
     """Scores of the test rows against this process's block of the training set, with
     global training indices (the full matrix's columns or TopInfluences indices)."""
-    from influence_cli.influence.scores import pairwise_scores
+    from influence_cli.engine.scoring import pairwise_scores
 
     config = session.config
     bounds = shard_bounds(session, shard)
@@ -769,7 +751,7 @@ def pairwise_block(
     result = with_batch_backoff(session, "score", score)
     model.cpu()
     if top is not None and bounds[0]:
-        from influence_cli.influence.scores import TopInfluences
+        from influence_cli.engine.scoring import TopInfluences
 
         result = TopInfluences(
             result.proponent_scores, result.proponent_indices + bounds[0],
@@ -781,7 +763,7 @@ def pairwise_block(
 def merge_top(parts: list[Any], k: int) -> Any:
     """One TopInfluences from the per-block ones (global indices), keeping k each way;
     ties keep the lower training index first."""
-    from influence_cli.influence.scores import TopInfluences
+    from influence_cli.engine.scoring import TopInfluences
 
     fields = []
     for values_name, index_name, largest in (

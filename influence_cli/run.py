@@ -63,8 +63,10 @@ def influence_hash(config: Config, strategy: str, data_fingerprint: str) -> str:
     dumped = _hashed_sections(config)
     inf = dumped["influence"]
     relevant = {k: inf[k] for k in ("damping", "damping_factor", "damping_scope", "fisher", "modules", "dtype")}
-    if strategy in ("exact", "lissa"):  # solver settings shape their stored state
-        relevant[strategy] = inf[strategy]
+    if isinstance(inf.get(strategy), dict):  # the strategy's own options: it says which shape its state
+        from influence_cli.engine import stored_options
+
+        relevant[strategy] = stored_options(strategy, inf[strategy])
     if inf.get("amp"):
         relevant["amp"] = inf["amp"]
     return hash_object(

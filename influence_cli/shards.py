@@ -230,17 +230,18 @@ def fit_factors_shard(session: Any, index: int, count: int, strategy: Optional[s
     Returns (which pass, the shard file).
     """
     refuse_ensemble(session)
-    from influence_cli.influence.factors import SHARDABLE, covariance_sums, eigenvalue_sums
+    from influence_cli.engine import STRATEGIES, covariance_sums, eigenvalue_sums
     from influence_cli.pipeline import ensure_model, influence_device, shard_bounds, train_loader, with_batch_backoff
 
     config = session.config
     strategy = strategy or config.influence.strategy
-    if strategy not in SHARDABLE or not SHARDABLE[strategy]:
-        shardable = ", ".join(k for k, v in SHARDABLE.items() if v)
+    spec = STRATEGIES.get(strategy)
+    if spec is None or not (spec.shardable and spec.passes):
+        shardable = ", ".join(name for name, cls in STRATEGIES.items() if cls.shardable and cls.passes)
         raise ShardError(f"--shard: strategy '{strategy}' is not fitted in shards (choose from {shardable}, or fit it without --shard)")
     state = ensure_model(session)
     bounds = shard_bounds(session, (index, count))
-    passes = SHARDABLE[strategy]
+    passes = spec.passes
     common = dict(
         fisher=config.influence.fisher, modules=config.influence.modules, device=influence_device(config),
         seed=config.seed, amp=config.influence.amp,
@@ -274,7 +275,7 @@ def fit_factors_shard(session: Any, index: int, count: int, strategy: Optional[s
 
 
 def _identity_bases(model: Any, config: Any) -> dict[str, tuple[None, None]]:
-    from influence_cli.influence.modules import select_modules
+    from influence_cli.engine import select_modules
 
     return {name: (None, None) for name in select_modules(model, config.influence.modules)}
 
@@ -333,7 +334,7 @@ def _merge_self_influence(session: Any, state: Any, strategy: str, n: int) -> di
 def _merge_score(session: Any, state: Any, stage: str, n: int) -> dict[str, Any]:
     from influence_cli.audit.report import write_csv
     from influence_cli.data.queries import read_query_rows
-    from influence_cli.influence.scores import TopInfluences
+    from influence_cli.engine import TopInfluences
     from influence_cli.pipeline import _score_rows, merge_top
 
     directory = session.run.shard_dir(stage)
@@ -370,23 +371,19 @@ def _merge_score(session: Any, state: Any, stage: str, n: int) -> dict[str, Any]
 def _merge_factors(session: Any, state: Any, strategy: str, n: int) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    from influence_cli.influence.factors import (
-        SHARDABLE,
-        CovarianceSums,
-        bases_from_covariances,
-        factors_from_sums,
-    )
+    from influence_cli.engine import STRATEGIES, CovarianceSums, bases_from_covariances, factors_from_sums
     from influence_cli.pipeline import influence_dtype
 
     config = session.config
-    if strategy not in SHARDABLE:
+    spec = STRATEGIES.get(strategy)
+    if spec is None or not spec.shardable:
         raise ShardError(f"factors-{strategy}: strategy '{strategy}' is not fitted in shards")
-    passes = SHARDABLE[strategy]
+    passes = spec.passes
     root = session.run.shard_dir(f"factors-{strategy}")
     want = want_meta(session, state, strategy)
     common = dict(damping=config.influence.damping, fisher=config.influence.fisher, modules=config.influence.modules,
                   dtype=influence_dtype(config), damping_factor=config.influence.damping_factor,
-                  damping_scope=config.influence.damping_scope)
+                  damping_scope=config.influence.damping_scope, options=config.influence.strategy_options(strategy))
     extra = {"checkpoint_hash": state.checkpoint_hash, "influence_hash": want["influence_hash"],
              "data": session.data().data_identity(), "config_name": config.name,
              "fit_seconds": None, "merged_shards": None}
@@ -414,7 +411,7 @@ def _merge_factors(session: Any, state: Any, strategy: str, n: int) -> dict[str,
         part = CovarianceSums.from_parts(tensors, meta["counts"])
         sums = part if sums is None else sums + part
     assert sums is not None
-    if strategy == "kfac":
+    if "eigenvalues" not in passes:  # pass 1 was the last: the merged covariances are the factors
         factors = factors_from_sums(state.model, strategy, covariance=sums, **common)
         extra["merged_shards"] = len(shards)
         directory = session.run.factors_dir(strategy)

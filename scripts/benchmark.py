@@ -155,7 +155,7 @@ def _warmup(model: nn.Module, loader: Batches) -> None:
 def run_stage(stage: str, workload: Workload, directory: Path) -> dict:
     """Body of one measured subprocess; returns its timings."""
     torch.set_num_threads(THREADS)
-    from influence_cli.influence import Factors, fit_factors, pairwise_scores, self_influence
+    from influence_cli.engine import Factors, fit_factors, pairwise_scores, self_influence
 
     model, blob = load(workload, directory)
     loader = Batches(blob["x"], blob["y"], workload.batch_size)

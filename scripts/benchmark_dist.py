@@ -47,7 +47,7 @@ class IndexedBatches:
 
 def worker(workload_name: str, directory: Path, threads: int) -> None:
     from influence_cli.distributed import init_from_env, shard_range
-    from influence_cli.influence import fit_factors, self_influence
+    from influence_cli.engine import fit_factors, self_influence
 
     torch.set_num_threads(threads)
     dist = init_from_env("cpu")

@@ -13,9 +13,15 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from influence_cli.influence import fit_exact, fit_lissa
-from influence_cli.influence.curvature import CurvatureProducts, ParameterLayout
-from influence_cli.influence.scores import self_influence
+from influence_cli.engine import (
+    CurvatureProducts,
+    ParameterLayout,
+    fit_exact,
+    fit_lissa,
+    flat_gradients,
+    gradient_batches,
+    self_influence,
+)
 
 
 class Data:
@@ -83,9 +89,8 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(1)
     idx = torch.randperm(len(y), generator=gen)[:8]
-    from influence_cli.influence.scores import _flat_gradient_batches
-
-    (_, v), = list(_flat_gradient_batches(model, layout.modules, layout, [(x[idx], y[idx])], "loss", "", None))
+    (_, layers), = list(gradient_batches(model, layout.modules, [(x[idx], y[idx])]))
+    v = flat_gradients(layout, layers, torch.float32)
     ref = exact64.precondition_flat(v.double()).float()
     for depth in (100, 300, 1000, 3000):
         for bs in (64, 1400):

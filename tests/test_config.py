@@ -107,7 +107,7 @@ def test_roundtrip_yaml() -> None:
 
 
 def test_strategy_checked_at_load_against_the_registry() -> None:
-    from influence_cli.influence.factors import available_strategies
+    from influence_cli.engine import strategy_names as available_strategies
 
     for name in available_strategies():
         assert config_from_dict({"name": "a", "influence": {"strategy": name}}).influence.strategy == name

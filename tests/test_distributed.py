@@ -125,7 +125,7 @@ def test_shard_range_is_a_disjoint_cover():
 
 def test_fisher_labels_do_not_depend_on_batching():
     """Labels are drawn per (seed, example index): any batching/sharding gives one fit."""
-    from influence_cli.influence import fit_factors
+    from influence_cli.engine import fit_factors
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
@@ -205,7 +205,7 @@ def test_shards_and_merge_equal_the_single_run_and_refuse_missing_or_stale(singl
 
 def test_out_of_memory_halves_the_batch_and_retries(single, monkeypatch):
     from influence_cli.config import load_config
-    from influence_cli.influence import scores as scores_module
+    from influence_cli.engine import scoring as scores_module
     from influence_cli.pipeline import Session, run_self_influence
     from influence_cli.progress import Reporter
 
@@ -243,7 +243,7 @@ def test_out_of_memory_halves_the_batch_and_retries(single, monkeypatch):
 
 def test_amp_autocast_runs_on_cpu_and_is_part_of_the_hash():
     from influence_cli.config import load_config
-    from influence_cli.influence import fit_factors, self_influence
+    from influence_cli.engine import fit_factors, self_influence
     from influence_cli.run import influence_hash
 
     plain = load_config(None, [])

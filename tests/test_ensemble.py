@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from influence_cli.cli import app
 from influence_cli.config import config_from_dict, load_config
 from influence_cli.errors import ConfigError, InflError
-from influence_cli.influence import fit_factors, pairwise_scores, self_influence
+from influence_cli.engine import fit_factors, pairwise_scores, self_influence
 from influence_cli.loaders import BatchLoader
 from influence_cli.models import build_model, save_checkpoint
 from influence_cli.pipeline import Session, ensemble_sessions, run_score, run_self_influence

@@ -12,28 +12,12 @@ from influence_cli.audit.report import jsonable as json_safe  # noqa: F401  (re-
 
 from influence_cli.errors import FactorsError, InflError
 
-# Strategies left out of the default list: their self-influence / pairwise scores solve one
-# iterative problem per example (hours on a full training set). A registry entry can also
-# opt out by carrying ``slow=True`` or by saying "slow" in its description.
-SLOW_STRATEGIES = frozenset({"lissa"})
-
-
-def is_slow(name: str, entry: Any = None, description: str = "") -> bool:
-    flag = getattr(entry, "slow", None)
-    if isinstance(flag, bool):
-        return flag
-    return name in SLOW_STRATEGIES or "slow" in description.lower()
-
-
 def default_strategies() -> list[str]:
-    """Every registered strategy except the very slow ones, in registry order."""
-    from influence_cli.influence import STRATEGIES, available_strategies
+    """Every registered strategy except the slow ones (``Strategy.slow``: self-influence
+    and pairwise scores solve one iterative problem per example), in registry order."""
+    from influence_cli.engine import STRATEGIES
 
-    names = []
-    for name, description in available_strategies().items():
-        if not is_slow(name, STRATEGIES.get(name), description):
-            names.append(name)
-    return names
+    return [name for name, cls in STRATEGIES.items() if not cls.slow]
 
 
 def resolve_strategies(strategies: Optional[Iterable[str]]) -> list[str]:
@@ -60,14 +44,14 @@ def timed_factors(session: Any, state: Any, strategy: str) -> TimedFactors:
 
     Stale factors are refitted, as in every audit command.
     """
-    from influence_cli.influence.factors import Factors
+    from influence_cli.engine import read_meta
     from influence_cli.pipeline import ensure_factors
 
     fstate = ensure_factors(session, state, strategy, refit_stale=True)
     if not fstate.reused:
         return TimedFactors(fstate, float(fstate.seconds), False)
     try:
-        recorded = Factors.read_meta(fstate.directory).get("fit_seconds")
+        recorded = read_meta(fstate.directory).get("fit_seconds")
     except FactorsError:
         recorded = None
     seconds = float(recorded) if isinstance(recorded, (int, float)) else float(fstate.seconds)

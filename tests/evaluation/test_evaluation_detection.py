@@ -22,7 +22,7 @@ from influence_cli.evaluation.detection import (
     noisy_config,
     render_detection_table,
 )
-from influence_cli.influence import STRATEGIES, Strategy
+from influence_cli.engine import STRATEGIES, BlockStrategy, Strategy
 from influence_cli.pipeline import Session, ensure_model
 from influence_cli.progress import Reporter
 
@@ -117,10 +117,14 @@ def test_loss_ranking_matches_sklearn_on_the_saved_losses(detection):
 
 
 def test_failing_strategy_is_skipped_and_others_go_on(tmp_path, monkeypatch):
-    def boom(ctx):
-        raise InfluenceError("model too large for this strategy (test)")
+    class Boom(BlockStrategy, register=False):
+        name = "boom"
+        description = "always fails"
 
-    monkeypatch.setitem(STRATEGIES, "boom", Strategy("boom", "always fails", boom))
+        def fit_layers(self, ctx):
+            raise InfluenceError("model too large for this strategy (test)")
+
+    monkeypatch.setitem(STRATEGIES, "boom", Boom)
     config = tiny_config(tmp_path, epochs=5)
     result = evaluate_noise_detection(config, fraction=0.1, strategies=["boom", "identity"])
     assert result["rankings"]["boom"] == {"type": "strategy", "skipped": "model too large for this strategy (test)"}
@@ -137,12 +141,12 @@ def test_failing_strategy_is_skipped_and_others_go_on(tmp_path, monkeypatch):
 
 
 def test_default_strategies_leave_out_slow_ones(monkeypatch):
-    def never(ctx):
-        raise AssertionError
+    def declared(name, description, slow):
+        return type(name, (Strategy,), {"name": name, "description": description, "slow": slow}, register=False)
 
-    monkeypatch.setitem(STRATEGIES, "lissa", Strategy("lissa", "LiSSA iterative solver", never))
-    monkeypatch.setitem(STRATEGIES, "crawl", Strategy("crawl", "very slow reference", never))
-    monkeypatch.setitem(STRATEGIES, "exact", Strategy("exact", "dense Fisher for small models", never))
+    monkeypatch.setitem(STRATEGIES, "lissa", declared("lissa", "LiSSA iterative solver", True))
+    monkeypatch.setitem(STRATEGIES, "crawl", declared("crawl", "very slow reference", True))
+    monkeypatch.setitem(STRATEGIES, "exact", declared("exact", "dense Fisher for small models", False))
     names = common.default_strategies()
     assert "lissa" not in names and "crawl" not in names
     assert "exact" in names and set(CORE) <= set(names)

@@ -1,4 +1,4 @@
-"""Tiny float64 models and data shared by the influence engine tests."""
+"""Tiny float64 models and data shared by the engine tests."""
 
 from __future__ import annotations
 

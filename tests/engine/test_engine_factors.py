@@ -10,27 +10,20 @@ import torch
 import torch.nn.functional as F
 
 from influence_cli.errors import FactorsError, InfluenceError
-from influence_cli.influence import factors as factors_mod
-from influence_cli.influence.factors import (
+from influence_cli.engine import (
     STRATEGIES,
+    ActivationCapture,
     Factors,
     available_strategies,
     dense_preconditioner,
     fit_factors,
-)
-from influence_cli.influence.modules import (
-    ActivationCapture,
-    eval_mode,
-    select_modules,
-    to_weight_order,
-)
-from influence_cli.influence.precondition import (
     precondition,
-    reference_rotated_grads,
-    rotated_per_example_grads,
+    select_modules,
 )
-from influence_cli.influence.reference import dense_fisher, per_example_gradients
-from influence_helpers import batches, make_branch_cnn, make_cnn, make_data, make_mlp, seeded
+from influence_cli.engine.kernels import reference_rotated_grads, rotated_per_example_grads
+from influence_cli.engine.reference import dense_fisher, per_example_gradients
+from influence_cli.engine.tracked import eval_mode, to_weight_order
+from engine_helpers import batches, make_branch_cnn, make_cnn, make_data, make_mlp, seeded
 
 F64 = torch.float64
 
@@ -48,8 +41,8 @@ def test_registry_lists_strategies():
     names = available_strategies()
     assert set(names) >= {"ekfac", "kfac", "diagonal", "identity"}
     assert all(isinstance(d, str) and d for d in names.values())
-    # Block strategies live in STRATEGIES; exact/lissa have their own solver objects.
-    assert set(STRATEGIES) | set(factors_mod.SOLVER_STRATEGIES) == set(names)
+    # One registry for every strategy (block strategies and the exact/lissa solvers).
+    assert set(STRATEGIES) == set(names)
     with pytest.raises(InfluenceError, match="unknown strategy"):
         fit_factors(seeded(make_mlp), [], "nope")
 
@@ -272,16 +265,19 @@ def test_load_refuses_bad_directories(tmp_path, mlp_setup):
         Factors.load(target)
 
 
-def test_interrupted_save_leaves_nothing_trusted(tmp_path, mlp_setup, monkeypatch):
-    model, x, y = mlp_setup
-    factors = fit(model, x, y, "ekfac")
+class _InterruptedWhileWritten(dict):
+    """An extra_meta value whose serialisation is interrupted (Ctrl-C) half-way through
+    writing meta.json, after factors.safetensors was written."""
 
-    def boom(*args, **kwargs):
+    def items(self):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(factors_mod, "_write_json", boom)
+
+def test_interrupted_save_leaves_nothing_trusted(tmp_path, mlp_setup):
+    model, x, y = mlp_setup
+    factors = fit(model, x, y, "ekfac")
     with pytest.raises(KeyboardInterrupt):
-        factors.save(tmp_path / "f")
+        factors.save(tmp_path / "f", {"note": _InterruptedWhileWritten(a=1)})
     assert os.listdir(tmp_path) == []
 
 

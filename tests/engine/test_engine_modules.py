@@ -10,15 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from influence_cli.errors import InfluenceError
-from influence_cli.influence.modules import (
-    ActivationCapture,
-    eval_mode,
-    select_modules,
-    to_weight_order,
-)
-from influence_cli.influence.precondition import per_example_grads
-from influence_cli.influence.reference import per_example_gradients
-from influence_helpers import (
+from influence_cli.engine import ActivationCapture, select_modules
+from influence_cli.engine.kernels import per_example_grads
+from influence_cli.engine.reference import per_example_gradients
+from influence_cli.engine.tracked import eval_mode, to_weight_order
+from engine_helpers import (
     SeqModel,
     SharedModel,
     make_branch_cnn,

@@ -1,10 +1,10 @@
-"""Fixtures for the influence engine tests (float64 tiny models)."""
+"""Fixtures for the engine tests (float64 tiny models)."""
 
 from __future__ import annotations
 
 import pytest
 
-from influence_helpers import make_cnn, make_data, make_mlp, seeded
+from engine_helpers import make_cnn, make_data, make_mlp, seeded
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from influence_cli.influence.factors import Factors, dense_preconditioner
-from influence_cli.influence.modules import eval_mode
-from influence_cli.influence.scores import measurement_loss
+from influence_cli.engine.factors import Factors, dense_preconditioner
+from influence_cli.engine.tracked import eval_mode
+from influence_cli.engine.scoring import measurement_loss
 
 __all__ = [
     "per_example_gradients",

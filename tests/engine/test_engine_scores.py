@@ -6,20 +6,20 @@ import pytest
 import torch
 
 from influence_cli.errors import FactorsError, InfluenceError
-from influence_cli.influence import scores as scores_mod
-from influence_cli.influence.factors import fit_factors
-from influence_cli.influence.reference import (
-    dense_pairwise_scores,
-    dense_self_influence,
-    per_example_gradients,
-)
-from influence_cli.influence.scores import (
+from influence_cli.engine import (
     TopInfluences,
+    fit_factors,
+    measurement_loss,
     pairwise_scores,
     preconditioned_test_gradients,
     self_influence,
 )
-from influence_helpers import batches, make_branch_cnn, make_data, seeded
+from influence_cli.engine.reference import (
+    dense_pairwise_scores,
+    dense_self_influence,
+    per_example_gradients,
+)
+from engine_helpers import batches, make_branch_cnn, make_data, seeded
 
 F64 = torch.float64
 STRATEGIES = ["ekfac", "kfac", "diagonal", "identity"]
@@ -27,6 +27,14 @@ STRATEGIES = ["ekfac", "kfac", "diagonal", "identity"]
 
 def rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max())
+
+
+class SizedBatches(list):
+    """A list of batches that declares how many training examples it holds."""
+
+    def __init__(self, items, num_examples):
+        super().__init__(items)
+        self.num_examples = num_examples
 
 
 def fitted(setup, strategy, request):
@@ -69,13 +77,14 @@ def test_self_influence_with_float32_factors(mlp_setup):
 @pytest.mark.parametrize("measurement", ["loss", "margin"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("setup", ["mlp_setup", "cnn_setup"])
-def test_pairwise_matches_dense(setup, strategy, measurement, eigenbasis, request, monkeypatch):
+def test_pairwise_matches_dense(setup, strategy, measurement, eigenbasis, request):
     model, x, y, factors = fitted(setup, strategy, request)
-    monkeypatch.setattr(
-        scores_mod, "_prefer_eigenbasis", lambda op, *a: eigenbasis and not op.identity_bases
-    )
     xt, yt = x[:4] * 0.7, (y[:4] + 1) % 3
-    full = pairwise_scores(model, factors, batches(x, y, 5), xt, yt, measurement=measurement)
+    # The test side lives in the eigenbasis when rotating the training side costs fewer
+    # flops, which a loader's num_examples steers: 1 → every layer with a basis rotates
+    # the training side; unknown (a plain list) → the test side is rotated back instead.
+    loader = SizedBatches(batches(x, y, 5), 1) if eigenbasis else batches(x, y, 5)
+    full = pairwise_scores(model, factors, loader, xt, yt, measurement=measurement)
     names = list(factors.layers)
     ref = dense_pairwise_scores(
         factors,
@@ -89,7 +98,7 @@ def test_pairwise_matches_dense(setup, strategy, measurement, eigenbasis, reques
 
 def test_margin_gradient_is_negative_margin():
     logits = torch.tensor([[2.0, 0.5, -1.0]], dtype=F64, requires_grad=True)
-    value = scores_mod.measurement_loss(logits, torch.tensor([0]), "margin")
+    value = measurement_loss(logits, torch.tensor([0]), "margin")
     expected = -(2.0 - torch.logsumexp(torch.tensor([0.5, -1.0], dtype=F64), 0))
     torch.testing.assert_close(value, expected)
 
@@ -160,15 +169,14 @@ def test_scores_refuse_factors_of_another_model(mlp_setup, cnn_setup):
         self_influence(cnn, factors, batches(xc, yc, 4))
 
 
-def test_test_rows_in_groups_match_single_group(mlp_setup, monkeypatch):
+def test_test_rows_in_groups_match_single_group(mlp_setup):
     model, x, y = mlp_setup
     factors = fit_factors(model, batches(x, y, 6), "kfac", dtype=F64)
     xt, yt = x[:7], y[:7]
     whole = pairwise_scores(model, factors, batches(x, y, 5), xt, yt)
     whole_top = pairwise_scores(model, factors, batches(x, y, 5), xt, yt, top=3)
-    monkeypatch.setattr(scores_mod, "_TEST_GROUP_ELEMENTS", 150)  # ~2 rows per group
-    grouped = pairwise_scores(model, factors, batches(x, y, 5), xt, yt)
-    grouped_top = pairwise_scores(model, factors, batches(x, y, 5), xt, yt, top=3)
+    grouped = pairwise_scores(model, factors, batches(x, y, 5), xt, yt, test_group_rows=2)
+    grouped_top = pairwise_scores(model, factors, batches(x, y, 5), xt, yt, top=3, test_group_rows=2)
     assert rel_err(grouped, whole) < 1e-12
     assert torch.equal(grouped_top.proponent_indices, whole_top.proponent_indices)
     assert torch.equal(grouped_top.opponent_indices, whole_top.opponent_indices)

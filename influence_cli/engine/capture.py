@@ -1,4 +1,4 @@
-"""Which layers are tracked, and capturing their per-example inputs and output-gradients.
+"""Capturing tracked layers' per-example inputs and output-gradients.
 
 Influence needs, for every tracked layer and every example i, the gradient of that
 example's loss w.r.t. the layer's weight, G_i = sum_p g_ip a_ip^T (d_out x d_in, bias
@@ -10,149 +10,16 @@ and lets the callers exploit the rank structure of G_i (rank one for plain Linea
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 import torch
 from torch import Tensor, nn
 
+from influence_cli.engine.kernels import Workspace, scratch
+from influence_cli.engine.tracked import column_order
 from influence_cli.errors import InfluenceError
 
-__all__ = [
-    "TRACKED_TYPES",
-    "LayerBatch",
-    "ActivationCapture",
-    "select_modules",
-    "layer_kind",
-    "layer_shape",
-    "eval_mode",
-    "unsupported_reason",
-    "column_order",
-    "Workspace",
-    "scratch",
-    "to_weight_order",
-    "to_internal_order",
-]
-
-TRACKED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
-
-
-def unsupported_reason(module: nn.Module) -> str | None:
-    """Why a Linear/Conv2d cannot be tracked (its gradient is not sum_p g a^T), or None."""
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            return f"groups={module.groups}"
-        if module.padding_mode != "zeros":
-            return f"padding_mode={module.padding_mode!r}"
-    return None
-
-
-def layer_kind(module: nn.Module) -> str:
-    """'linear' or 'conv2d' (subclasses count)."""
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    raise InfluenceError(f"module of type {type(module).__name__} cannot be tracked")
-
-
-def layer_shape(module: nn.Module) -> tuple[int, int, bool]:
-    """(d_out, d_in, has_bias) of the weight matrix with the bias folded in as a column."""
-    weight = module.weight
-    has_bias = getattr(module, "bias", None) is not None
-    d_out = weight.shape[0]
-    d_in = weight[0].numel() + (1 if has_bias else 0)
-    return d_out, d_in, has_bias
-
-
-def select_modules(model: nn.Module, patterns: list[str] | None = None) -> dict[str, nn.Module]:
-    """The tracked layers of ``model`` by qualified name.
-
-    Every ``nn.Linear`` and ``nn.Conv2d`` (subclasses included), or only those whose name
-    matches one of the fnmatch ``patterns``. Parameterised modules that stay untracked
-    (BatchNorm, Embedding, grouped convolutions...) are listed in one warning, because
-    their parameters silently drop out of the influence estimate.
-    """
-    tracked: dict[str, nn.Module] = {}
-    untracked: list[str] = []
-    candidates: list[str] = []
-    for name, module in model.named_modules():
-        label = name or "<root>"
-        if isinstance(module, TRACKED_TYPES):
-            reason = unsupported_reason(module)
-            if reason is not None:
-                untracked.append(f"{label} ({type(module).__name__}, {reason})")
-                continue
-            candidates.append(label)
-            if patterns is None or any(fnmatchcase(name, p) for p in patterns):
-                tracked[name] = module
-        elif any(True for _ in module.parameters(recurse=False)):
-            untracked.append(f"{label} ({type(module).__name__})")
-    if untracked:
-        warnings.warn(
-            "influence: parameters of these modules are not tracked (only Linear and "
-            "ungrouped zero-padded Conv2d are): " + ", ".join(untracked),
-            stacklevel=2,
-        )
-    if not tracked:
-        if patterns is not None:
-            hint = f"no Linear/Conv2d module matches the patterns {list(patterns)}"
-            if candidates:
-                shown = ", ".join(candidates[:20]) + (" ..." if len(candidates) > 20 else "")
-                hint += f"; trackable modules are: {shown}"
-        else:
-            hint = "the model has no Linear or Conv2d module that can be tracked"
-        raise InfluenceError(f"nothing to track: {hint}")
-    return tracked
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run in eval mode (deterministic dropout/BatchNorm), restoring every submodule's mode."""
-    previous = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, mode in previous:
-            module.training = mode
-
-
-class Workspace:
-    """Scratch buffers reused across batches.
-
-    Big temporaries (conv patches, per-example gradients) allocated afresh every batch
-    are page-faulted in by the kernel each time, which on the CPU costs as much as the
-    arithmetic. Reusing them avoids that. A buffer handed out under a tag is only valid
-    until the same tag is requested again.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, Tensor] = {}
-        self.enabled = True  # False: hand out fresh tensors (callers keep them)
-
-    def get(self, tag: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        if not self.enabled:
-            self._buffers.clear()
-            return like.new_empty(shape)
-        numel = 1
-        for size in shape:
-            numel *= int(size)
-        buf = self._buffers.get(tag)
-        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-            buf = torch.empty(max(numel, 1), dtype=like.dtype, device=like.device)
-            self._buffers[tag] = buf
-        return buf[:numel].view(shape)
-
-
-def scratch(ws: Workspace | None, tag: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """A buffer from ``ws`` or a fresh tensor when there is no workspace."""
-    if ws is None:
-        return like.new_empty(shape)
-    return ws.get(tag, shape, like)
+__all__ = ["LayerBatch", "ActivationCapture", "conv_patches", "logits_of"]
 
 
 @dataclass
@@ -277,7 +144,7 @@ class ActivationCapture:
                     raise InfluenceError("a tracked layer's input changed during the forward pass")
                 self._protect = True
                 continue
-            logits = _logits(output)
+            logits = logits_of(output)
             if not bool(torch.isfinite(logits.detach()).all()):
                 culprit = self._first_non_finite()
                 self._calls = {}
@@ -435,41 +302,8 @@ def conv_patches(
     return a
 
 
-def column_order(module: nn.Module) -> Tensor | None:
-    """perm with internal input column j = weight column perm[j]; None if identical.
 
-    Linear inputs are captured in weight order. Conv2d patches are captured in (kh, kw, C)
-    order (see conv_patches); the weight flattens as (C, kh, kw).
-    """
-    if not isinstance(module, nn.Conv2d):
-        return None
-    kh, kw = module.kernel_size
-    channels = module.weight.shape[1]
-    weight_index = torch.arange(channels * kh * kw).view(channels, kh, kw)
-    perm = weight_index.permute(1, 2, 0).reshape(-1)
-    if getattr(module, "bias", None) is not None:
-        perm = torch.cat([perm, torch.tensor([channels * kh * kw])])
-    if torch.equal(perm, torch.arange(perm.numel())):
-        return None
-    return perm
-
-
-def to_weight_order(t: Tensor, perm: Tensor | None, dim: int = -1) -> Tensor:
-    """Reorder internal columns of ``t`` along ``dim`` into the weight's column order."""
-    if perm is None:
-        return t
-    inverse = torch.argsort(perm).to(t.device)
-    return t.index_select(dim, inverse)
-
-
-def to_internal_order(t: Tensor, perm: Tensor | None, dim: int = -1) -> Tensor:
-    """Reorder weight-order columns of ``t`` along ``dim`` into the internal order."""
-    if perm is None:
-        return t
-    return t.index_select(dim, perm.to(t.device))
-
-
-def _logits(output: object) -> Tensor:
+def logits_of(output: object) -> Tensor:
     """The logits tensor of a model output (tensor, object with .logits, or tuple)."""
     if isinstance(output, Tensor):
         return output

@@ -15,7 +15,8 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from influence_cli.errors import FactorsError, InfluenceError
-from influence_cli.influence import (
+from influence_cli.engine import (
+    DENSE_DAMPING_FACTOR as SOLVER_DAMPING_FACTOR,
     ExactSolver,
     LissaDivergenceError,
     LissaSolver,
@@ -25,14 +26,14 @@ from influence_cli.influence import (
     fit_exact,
     fit_factors,
     fit_lissa,
+    get_strategy,
     load_factors,
     pairwise_scores,
+    preconditioned_test_gradients,
+    select_modules,
     self_influence,
 )
-from influence_cli.influence.factors import DEFAULT_DAMPING_FACTORS
-from influence_cli.influence.modules import select_modules
-from influence_cli.influence.solvers import SOLVER_DAMPING_FACTOR
-from influence_helpers import batches, make_cnn, make_data, make_mlp, seeded
+from engine_helpers import batches, make_cnn, make_data, make_mlp, seeded
 
 F64 = torch.float64
 
@@ -174,7 +175,7 @@ def test_exact_auto_damping_is_scaled_mean_eigenvalue(setup):
     solver = fit_exact(model, batches(x, y, 6), dtype=F64)
     dense = dense_gn(model, x)
     assert solver.damping == pytest.approx(SOLVER_DAMPING_FACTOR * float(torch.trace(dense)) / dense.shape[0], rel=1e-10)
-    assert SOLVER_DAMPING_FACTOR == DEFAULT_DAMPING_FACTORS["exact"] == DEFAULT_DAMPING_FACTORS["lissa"]
+    assert SOLVER_DAMPING_FACTOR == get_strategy("exact").default_damping_factor == get_strategy("lissa").default_damping_factor
     # through fit_factors: damping_factor None = the strategy default, a number overrides it
     via = fit_factors(model, batches(x, y, 6), "exact", dtype=F64, damping_factor=0.5)
     assert via.damping == pytest.approx(0.5 * float(torch.trace(dense)) / dense.shape[0], rel=1e-10)
@@ -386,8 +387,6 @@ def test_lissa_scores_save_load_and_fit_factors(tmp_path, convex):
 
 
 def test_exact_reusable_test_gradients(setup):
-    from influence_cli.influence import preconditioned_test_gradients
-
     model, x, y = setup
     solver = fit_exact(model, batches(x, y, 6), damping=0.2, dtype=F64)
     xt, yt = x[:3], y[:3]

@@ -1,0 +1,206 @@
+"""Scoring with per-layer factors: the fast paths of the block strategies.
+
+For layers whose per-example gradient is rank one (Linear on non-sequence input) no
+G_i is built: a_i and g_i are rotated into the eigenbases once, then self-influence is
+Σ_jk g̃_j² ã_k² / (Λ_jk + λ), one matmul per batch, and pairwise scores contract the
+test side's preconditioned gradients with (g_i, a_i) directly. Higher-rank layers (conv)
+build rotated per-example gradients with the per-side flop rule.
+
+:class:`BlockBound` is what ``Factors.bind`` returns; ``engine.scoring`` drives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from influence_cli.engine.batching import model_dtype
+from influence_cli.engine.capture import LayerBatch
+from influence_cli.engine.kernels import Workspace, chunk_size, matmul_t, per_example_grads
+from influence_cli.engine.operators import LayerOperator, operators
+from influence_cli.engine.tracked import column_order, to_internal_order, to_weight_order
+from influence_cli.errors import InfluenceError
+
+__all__ = ["BlockBound"]
+
+# Elements allowed in one intermediate (n, T, d) tensor of the pairwise contraction.
+_PAIR_ELEMENTS = 4 * 1024 * 1024
+
+
+class BlockBound:
+    """Per-layer factors bound to a model: operators on its device, in its dtype and in
+    the captured column order."""
+
+    chunk_rows = 0  # self-influence: score every batch as it comes
+
+    def __init__(self, factors: Any, model: nn.Module, device: torch.device):
+        self.modules = factors.check_model(model)
+        perms = {name: column_order(module) for name, module in self.modules.items()}
+        self.device = device
+        self.dtype = model_dtype(model)
+        self.ops = operators(factors, device, self.dtype, perms)
+        self.row_elements = sum(op.d_out * op.d_in for op in self.ops.values())
+        self._ws = Workspace()
+
+    # ----------------------------------------------------------- self-influence
+    def self_part(self, layers: dict[str, LayerBatch]) -> Tensor:
+        """g_iᵀ P g_i summed over layers for one batch → (n,)."""
+        total = None
+        for name, batch in layers.items():
+            part = _self_scores(self.ops[name], batch, self._ws)
+            total = part if total is None else total.add_(part)
+        return total
+
+    def self_scores(self, parts: list[Tensor]) -> Tensor:
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    # ----------------------------------------------------------------- pairwise
+    def test_side(
+        self, batches: Iterable[tuple[int, dict[str, LayerBatch]]], num_test: int, num_train: int | None
+    ) -> dict[str, "_TestSide"]:
+        """Precondition the test gradients once, per layer in the cheaper basis."""
+        parts: dict[str, list[Tensor]] = {name: [] for name in self.ops}
+        rotated: dict[str, bool] = {}
+        for _n, layers in batches:
+            for name, batch in layers.items():
+                op = self.ops[name]
+                if name not in rotated:
+                    rotated[name] = _prefer_eigenbasis(op, num_test, batch.positions, num_train)
+                if rotated[name]:
+                    if batch.positions == 1:
+                        a_rot, g_rot = op.rotate_vectors(batch.a[:, 0], batch.g[:, 0])
+                        m = g_rot[:, :, None] * a_rot[:, None, :]
+                    else:
+                        m = op.rotated_grads(batch.a, batch.g)
+                    parts[name].append(m.mul_(op.inverse))
+                else:
+                    parts[name].append(op.apply(per_example_grads(batch.a, batch.g)))
+        return {name: _TestSide(torch.cat(p), rotated[name]) for name, p in parts.items()}
+
+    def side_from_gradients(self, grads: dict[str, Tensor], rows: slice) -> dict[str, "_TestSide"]:
+        """The test side from :meth:`export_side`'s form (weight order, original basis)."""
+        missing = set(self.ops) - set(grads)
+        if missing:
+            raise InfluenceError(f"test_gradients lack layers {sorted(missing)}")
+        return {
+            name: _TestSide(
+                to_internal_order(grads[name][rows].to(device=self.device, dtype=self.dtype), op.perm, 2), False
+            )
+            for name, op in self.ops.items()
+        }
+
+    def export_side(self, side: dict[str, "_TestSide"]) -> dict[str, Tensor]:
+        """{layer: (T, d_out, d_in)} in weight column order and the original basis."""
+        return {name: to_weight_order(s.matrix, self.ops[name].perm, 2) for name, s in side.items()}
+
+    def side_rows(self, side: dict[str, "_TestSide"]) -> int:
+        return int(next(iter(side.values())).matrix.shape[0])
+
+    def pair_scores(self, side: dict[str, "_TestSide"], layers: dict[str, LayerBatch]) -> Tensor:
+        """score(t, i) for the test side against one training batch → (T, n)."""
+        total = None
+        for name, batch in layers.items():
+            part = _pair_scores(self.ops[name], side[name], batch, self._ws)
+            total = part if total is None else total.add_(part)
+        return total.T
+
+
+def _self_scores(op: LayerOperator, batch: LayerBatch, ws: Workspace) -> Tensor:
+    """g_iᵀ P g_i of one layer for every example of a batch → (n,)."""
+    a, g = batch.a, batch.g
+    w = op.inverse
+    if batch.positions == 1:
+        a_rot, g_rot = op.rotate_vectors(a[:, 0], g[:, 0])
+        # In place only on fresh rotated tensors, never on the captured data.
+        a_sq = a_rot.square() if op.q_a is None else a_rot.square_()
+        g_sq = g_rot.square() if op.q_s is None else g_rot.square_()
+        # Σ_jk g̃_j² W_jk ã_k²: matmul over the larger side, rowwise dot over the smaller.
+        if op.d_out <= op.d_in:
+            return (matmul_t(a_sq, w) * g_sq).sum(1)
+        return (matmul_t(g_sq, op.inverse_t) * a_sq).sum(1)
+    n = batch.n
+    out = a.new_empty(n)
+    step = chunk_size(op.d_out * op.d_in * 2)
+    w_flat = w.reshape(-1)
+    for start in range(0, n, step):
+        rotated = op.rotated_grads(a[start : start + step], g[start : start + step], ws)
+        out[start : start + step] = torch.mv(rotated.square_().reshape(rotated.shape[0], -1), w_flat)
+    return out
+
+
+@dataclass
+class _TestSide:
+    """A layer's preconditioned test gradients M (T, d_out, d_in).
+
+    rotated: M lives in the eigenbasis (Q_Sᵀ P(G_t) Q_A), so the training side must be
+    rotated to match; otherwise M = P(G_t) in the original basis.
+    """
+
+    matrix: Tensor
+    rotated: bool
+    _transposed: Tensor | None = None
+
+    def transposed_rows(self) -> Tensor:
+        """M with (d_out, d_in) swapped, contiguous, as (T·d_in, d_out); built once."""
+        if self._transposed is None:
+            t, d_out, d_in = self.matrix.shape
+            self._transposed = self.matrix.transpose(1, 2).reshape(t * d_in, d_out)
+        return self._transposed
+
+
+def _prefer_eigenbasis(op: LayerOperator, num_test: int, positions: int, num_train: int | None) -> bool:
+    """Rotate the training side into the eigenbasis iff that costs fewer flops than
+    rotating the T preconditioned test gradients back (per layer)."""
+    if op.identity_bases or num_train is None:
+        return False
+    d_out, d_in = op.d_out, op.d_in
+    back = num_test * d_out * d_in * (d_out + d_in)
+    cost_a = 0 if op.q_a is None else (d_in * d_in if positions == 1 else min(positions, d_out) * d_in * d_in)
+    cost_s = 0 if op.q_s is None else (d_out * d_out if positions == 1 else min(positions, d_in) * d_out * d_out)
+    return num_train * (cost_a + cost_s) < back
+
+
+def _pair_scores(op: LayerOperator, side: _TestSide, batch: LayerBatch, ws: Workspace) -> Tensor:
+    """Σ_jk M_tjk G_ijk for one layer → (n, T), without building G_i when rank one."""
+    m = side.matrix
+    num_test = m.shape[0]
+    a, g = batch.a, batch.g
+    n = batch.n
+    if batch.positions == 1:
+        a2, g2 = a[:, 0], g[:, 0]
+        if side.rotated:
+            a2, g2 = op.rotate_vectors(a2, g2)
+        out = a.new_empty(n, num_test)
+        # Contract the larger side with one GEMM per chunk of test rows (chunks keep the
+        # (n, t, d) intermediate cache-sized), then a batched dot over the smaller side.
+        if op.d_out <= op.d_in:
+            big, small, d_small = a2, g2, op.d_out
+        else:
+            big, small, d_small = g2, a2, op.d_in
+        step = max(1, _PAIR_ELEMENTS // max(1, n * d_small))
+        for t0 in range(0, num_test, step):
+            t1 = min(num_test, t0 + step)
+            if op.d_out <= op.d_in:
+                rows = m[t0:t1].reshape(-1, op.d_in)  # (t·d_out, d_in)
+            else:
+                rows = side.transposed_rows()[t0 * op.d_in : t1 * op.d_in]  # (t·d_in, d_out)
+            x = matmul_t(big.contiguous(), rows)  # (n, t·d_small)
+            torch.bmm(
+                x.view(n, t1 - t0, d_small),
+                small.unsqueeze(2),
+                out=ws.get("pair_out", (n, t1 - t0, 1), a),
+            )
+            out[:, t0:t1] = ws.get("pair_out", (n, t1 - t0, 1), a).squeeze(2)
+        return out
+    out = a.new_empty(n, num_test)
+    m_flat = m.reshape(num_test, -1)
+    step = chunk_size(op.d_out * op.d_in)
+    for start in range(0, n, step):
+        sl = slice(start, start + step)
+        grads = op.rotated_grads(a[sl], g[sl], ws) if side.rotated else per_example_grads(a[sl], g[sl], ws)
+        out[sl] = matmul_t(grads.reshape(grads.shape[0], -1), m_flat)
+    return out

@@ -1,0 +1,133 @@
+"""The stored form of every strategy: ``factors.safetensors`` + ``meta.json``, atomic.
+
+One directory per fitted strategy. Files go to a temporary sibling directory that is
+renamed into place, ``meta.json`` last, so an interrupted run never leaves a directory
+that a later run would trust. Loading refuses missing or corrupt files with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from influence_cli.errors import FactorsError
+
+__all__ = [
+    "FACTORS_FILE",
+    "META_FILE",
+    "FORMAT_VERSION",
+    "atomic_save",
+    "read_meta",
+    "read_stored",
+    "merge_extra_meta",
+    "package_version",
+]
+
+FACTORS_FILE = "factors.safetensors"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+
+
+def package_version() -> str:
+    try:
+        from influence_cli import __version__ as version
+    except ImportError:  # pragma: no cover
+        version = "0"
+    return str(version)
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``meta.json`` of a factors directory (FactorsError if absent/corrupt)."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise FactorsError(f"no fitted factors at {Path(directory)} ({META_FILE} missing); run fit-factors")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FactorsError(f"corrupt factors metadata {path}: {exc}; re-run fit-factors") from None
+    if not isinstance(meta, dict):
+        raise FactorsError(f"corrupt factors metadata {path}: not a JSON object; re-run fit-factors")
+    return meta
+
+
+def read_stored(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(meta.json, tensors) of a stored strategy directory; FactorsError with one line
+    when either is missing or corrupt."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = read_meta(directory)
+    path = directory / FACTORS_FILE
+    if not path.is_file():
+        raise FactorsError(f"no fitted factors at {directory} ({FACTORS_FILE} missing); run fit-factors")
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types
+        raise FactorsError(f"corrupt factors file {path}: {exc}; re-run fit-factors") from None
+    return meta, tensors
+
+
+def merge_extra_meta(meta: dict[str, Any], extra_meta: dict[str, Any] | None) -> dict[str, Any]:
+    """meta with the caller's keys added; a clash with a reserved key is refused."""
+    for key, value in (extra_meta or {}).items():
+        if key in meta:
+            raise ValueError(f"extra_meta key {key!r} clashes with a reserved meta key")
+        meta[key] = value
+    return meta
+
+
+def atomic_save(target: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """Write ``FACTORS_FILE`` then ``META_FILE`` into ``target`` atomically.
+
+    Files go to a temporary sibling directory that is renamed into place, so an
+    interrupted run never leaves a directory that a later run would trust. Shared by
+    every strategy so callers treat all alike.
+    """
+    from safetensors.torch import save_file
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": "infl-factors"})
+        _write_json(tmp / META_FILE, meta)  # last: its presence marks a complete write
+        _fsync_dir(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
