@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from influence_cli.config import Config
+from influence_cli.errors import OutputError, output_error
 
 
 def _canonical(obj: Any) -> bytes:
@@ -58,20 +59,31 @@ def influence_hash(config: Config, strategy: str) -> str:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only on success.
 
-    An interrupted write leaves at most a ``.tmp`` file that nothing ever reads.
+    An interrupted write leaves at most a ``.tmp`` file that nothing ever reads. A write
+    the environment refuses (disk full, read-only, permissions, a folder in the way)
+    raises OutputError naming ``path``; the old file, if any, is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise output_error(exc.filename if exc.filename else path, exc) from None
     tmp = Path(tmp_name)
     umask = os.umask(0)
     os.umask(umask)
     try:
-        yield tmp
-        if tmp.exists():
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            if tmp.exists():
+                os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+            os.replace(tmp, path)
+        except Exception as exc:  # noqa: BLE001 - only the environment's write errors are mapped
+            error = output_error(path, exc)
+            if error is None:
+                raise
+            raise error from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -97,16 +109,34 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def replace_directory(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written directory into place, replacing an older one."""
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    if final_dir.exists():
-        old = final_dir.with_name(f".{final_dir.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final_dir, old)
-        os.replace(tmp_dir, final_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, final_dir)
+    try:
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        if final_dir.exists():
+            old = final_dir.with_name(f".{final_dir.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final_dir, old)
+            os.replace(tmp_dir, final_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp_dir, final_dir)
+    except OSError as exc:
+        raise output_error(final_dir, exc) from None
+
+
+def check_output_file(path: Path, option: str, example: str = "ranking.csv") -> None:
+    """Refuse an output file path that cannot be written, before any work is done: a
+    folder, a file where a folder is needed, or an unwritable folder (OutputError)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(path, f"is a folder, not a file ({option}); give a file path, e.g. {path / example}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(path, f"cannot write: {parent} is a file, not a folder ({option}); choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(path, f"cannot write: {parent} is read-only or not writable ({option}); choose another path")
 
 
 class RunDir:
@@ -120,7 +150,10 @@ class RunDir:
         self.root = base if member == 0 else base / "ensemble" / f"member-{member}"
 
     def ensure(self) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise output_error(exc.filename if exc.filename else self.root, exc) from None
         return self.root
 
     @property

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from influence_cli.errors import FactorsError, InfluenceError
+from influence_cli.errors import FactorsError, InfluenceError, output_error
 from influence_cli.influence.modules import (
     ActivationCapture,
     LayerBatch,
@@ -272,11 +272,15 @@ def atomic_save(target: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) 
     """
     from safetensors.torch import save_file
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise output_error(target, exc) from None
     try:
         save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": "infl-factors"})
+        os.chmod(tmp / FACTORS_FILE, 0o666 & ~_umask())  # the temp file safetensors renames is 0600
         _write_json(tmp / META_FILE, meta)  # last: its presence marks a complete write
         _fsync_dir(tmp)
         old = None
@@ -287,9 +291,18 @@ def atomic_save(target: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) 
         _fsync_dir(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        error = output_error(target, exc) if isinstance(exc, Exception) else None
+        if error is None:
+            raise
+        raise error from None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_tracked(
