@@ -41,6 +41,17 @@ class FactorsError(InflError):
     """Stored curvature factors are missing, stale or incompatible."""
 
 
+class CorruptFactorsError(FactorsError):
+    """Stored factors whose files fail their content hashes (truncated, damaged, edited).
+
+    ``reason`` says what is wrong without the fix, for callers that refit instead.
+    """
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class InfluenceError(InflError):
     """A numerical problem in the influence engine (nothing tracked, non-finite curvature)."""
 

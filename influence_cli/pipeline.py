@@ -19,7 +19,7 @@ from torch import nn
 from influence_cli import __version__
 from influence_cli.config import Config
 from influence_cli.distributed import DistContext, current, shard_range
-from influence_cli.errors import FactorsError, InflError
+from influence_cli.errors import CorruptFactorsError, FactorsError, InflError
 from influence_cli.loaders import BatchLoader
 from influence_cli.models import build_model, load_checkpoint, save_checkpoint
 from influence_cli.progress import Reporter
@@ -251,8 +251,8 @@ def stale_reason(directory: Any, want: dict[str, str]) -> Optional[str]:
         return "incomplete or unreadable factors"
     try:
         meta = Factors.read_meta(directory)
-    except FactorsError:
-        return "incomplete or unreadable factors"
+    except FactorsError as exc:
+        return getattr(exc, "reason", None) or "incomplete or unreadable factors"
     if meta.get("checkpoint_hash") != want["checkpoint_hash"]:
         return "factors were fitted for a different checkpoint"
     if meta.get("influence_hash") != want["influence_hash"]:
@@ -288,8 +288,12 @@ def ensure_factors(
         problem = stale_reason(directory, want)
         if problem is None:
             start = time.perf_counter()
-            factors = load_factors(directory)
-            return FactorsState(factors, True, time.perf_counter() - start, directory)
+            try:
+                factors = load_factors(directory)  # verifies the tensors' sha256
+            except CorruptFactorsError as exc:
+                problem = exc.reason
+            else:
+                return FactorsState(factors, True, time.perf_counter() - start, directory)
         if not refit_stale:
             raise FactorsError(f"{directory}: {problem}; rerun with --overwrite to refit")
         reporter.info(f"factors in {directory}: {problem}; refitting")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from influence_cli.errors import FactorsError, InfluenceError, output_error
+from influence_cli.errors import CorruptFactorsError, FactorsError, InfluenceError, output_error
 from influence_cli.influence.modules import (
     ActivationCapture,
     LayerBatch,
@@ -75,6 +75,10 @@ __all__ = [
     "atomic_save",
     "check_tracked",
     "merge_extra_meta",
+    "file_sha256",
+    "TENSORS_HASH",
+    "META_HASH",
+    "meta_digest",
 ]
 
 FACTORS_FILE = "factors.safetensors"
@@ -183,6 +187,14 @@ class Factors:
             raise FactorsError(f"corrupt factors metadata {path}: {exc}; re-run fit-factors") from None
         if not isinstance(meta, dict):
             raise FactorsError(f"corrupt factors metadata {path}: not a JSON object; re-run fit-factors")
+        if meta.get(META_HASH) != meta_digest(meta):
+            if META_HASH in meta:
+                why = "damaged or edited (its content hash does not match)"
+            else:
+                why = "without a content hash (written by an older infl)"
+            raise CorruptFactorsError(
+                f"corrupt factors metadata {path}: {why}; re-run fit-factors", f"{META_FILE} is {why}"
+            )
         return meta
 
     @classmethod
@@ -248,6 +260,15 @@ def read_stored(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if not path.is_file():
         raise FactorsError(f"no fitted factors at {directory} ({FACTORS_FILE} missing); run fit-factors")
     try:
+        digest = file_sha256(path)
+    except OSError as exc:
+        raise FactorsError(f"cannot read factors file {path}: {exc.strerror or exc}") from None
+    if digest != meta.get(TENSORS_HASH):
+        raise CorruptFactorsError(
+            f"corrupt factors file {path}: truncated or damaged (its sha256 does not match {META_FILE}); re-run fit-factors",
+            f"{FACTORS_FILE} is truncated or damaged (its sha256 does not match {META_FILE})",
+        )
+    try:
         tensors = load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own error types
         raise FactorsError(f"corrupt factors file {path}: {exc}; re-run fit-factors") from None
@@ -281,7 +302,11 @@ def atomic_save(target: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) 
     try:
         save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": "infl-factors"})
         os.chmod(tmp / FACTORS_FILE, 0o666 & ~_umask())  # the temp file safetensors renames is 0600
-        _write_json(tmp / META_FILE, meta)  # last: its presence marks a complete write
+        # meta.json last (its presence marks a complete write), carrying the sha256 of the
+        # tensors and of itself: a truncated or damaged file is refused on load.
+        meta[TENSORS_HASH] = file_sha256(tmp / FACTORS_FILE)
+        meta[META_HASH] = meta_digest(meta)
+        _write_json(tmp / META_FILE, meta)
         _fsync_dir(tmp)
         old = None
         if target.exists():
@@ -297,6 +322,31 @@ def atomic_save(target: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) 
         if error is None:
             raise
         raise error from None
+
+
+TENSORS_HASH = "tensors_sha256"
+META_HASH = "meta_sha256"
+
+
+def file_sha256(path: Path) -> str:
+    """Full SHA-256 hex digest of a file (streamed; the pages stay cached for the load)."""
+    import hashlib
+
+    with open(path, "rb") as handle:
+        if hasattr(hashlib, "file_digest"):  # Python >= 3.11
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+        digest = hashlib.sha256()
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+        return digest.hexdigest()
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of meta.json's content without its own hash (canonical JSON)."""
+    import hashlib
+
+    plain = {k: v for k, v in meta.items() if k != META_HASH}
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _umask() -> int:

@@ -12,11 +12,13 @@ import torch.nn.functional as F
 from influence_cli.errors import FactorsError, InfluenceError
 from influence_cli.influence import factors as factors_mod
 from influence_cli.influence.factors import (
+    META_HASH,
     STRATEGIES,
     Factors,
     available_strategies,
     dense_preconditioner,
     fit_factors,
+    meta_digest,
 )
 from influence_cli.influence.modules import (
     ActivationCapture,
@@ -267,6 +269,10 @@ def test_load_refuses_bad_directories(tmp_path, mlp_setup):
     fit(model, x, y, "ekfac").save(target)
     meta = json.loads((target / "meta.json").read_text())
     meta["modules"]["0"]["d_in"] = 99
+    (target / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(FactorsError, match="damaged or edited"):  # the content hash catches an edit
+        Factors.load(target)
+    meta[META_HASH] = meta_digest(meta)  # a consistent meta.json that disagrees with the tensors
     (target / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(FactorsError, match="inconsistent"):
         Factors.load(target)

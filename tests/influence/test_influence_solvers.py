@@ -29,7 +29,7 @@ from influence_cli.influence import (
     pairwise_scores,
     self_influence,
 )
-from influence_cli.influence.factors import DEFAULT_DAMPING_FACTORS
+from influence_cli.influence.factors import DEFAULT_DAMPING_FACTORS, META_HASH, meta_digest
 from influence_cli.influence.modules import select_modules
 from influence_cli.influence.solvers import SOLVER_DAMPING_FACTOR
 from influence_helpers import batches, make_cnn, make_data, make_mlp, seeded
@@ -254,7 +254,8 @@ def test_exact_save_load_round_trip(tmp_path, setup):
         self_influence(other, loaded, batches(x, y, 5))
     with pytest.raises(FactorsError, match="missing"):
         load_factors(tmp_path / "nowhere")
-    (target / "meta.json").write_text(json.dumps({**meta, "strategy": "magic"}))
+    magic = {**meta, "strategy": "magic"}
+    (target / "meta.json").write_text(json.dumps({**magic, META_HASH: meta_digest(magic)}))
     with pytest.raises(FactorsError, match="unknown strategy"):
         load_factors(target)
     (target / "meta.json").write_text("{not json")
