@@ -158,6 +158,11 @@ def _ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
             checkpoint_hash = meta["checkpoint_hash"]  # type: ignore[index]
             info = dict(meta)  # type: ignore[arg-type]
         else:
+            if not retrain and meta is not None and meta.get("training_hash") == want:
+                what = "is missing" if not run.checkpoint.is_file() else (
+                    f"is truncated, damaged or replaced (its hash does not match {run.train_meta.name})"
+                )
+                reporter.info(f"{run.checkpoint} {what}; training again")
             run.ensure()
             if session.member:
                 reporter.info(f"ensemble: training member {session.member + 1} of {config.influence.ensemble_size()}")

@@ -98,6 +98,24 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+SEAL_KEY = "content_sha256"
+
+
+def seal(obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` plus the SHA-256 of its canonical JSON, so a damaged file (a flipped byte
+    that still parses) is caught by :func:`is_sealed`."""
+    plain = json.loads(json.dumps({k: v for k, v in obj.items() if k != SEAL_KEY}, default=str))
+    return {**plain, SEAL_KEY: hashlib.sha256(_canonical(plain)).hexdigest()}
+
+
+def is_sealed(obj: Any) -> bool:
+    """True when ``obj`` carries a seal that matches its content."""
+    if not isinstance(obj, dict) or not isinstance(obj.get(SEAL_KEY), str):
+        return False
+    plain = {k: v for k, v in obj.items() if k != SEAL_KEY}
+    return hashlib.sha256(_canonical(plain)).hexdigest() == obj[SEAL_KEY]
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     """Read a JSON file the tool wrote; None when missing or unreadable (treated as absent)."""
     try:
