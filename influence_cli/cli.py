@@ -85,6 +85,8 @@ def handle_errors(fn: F) -> F:
             internal_error(exc)
         except Exception as exc:  # a bug: say so in one line, full traceback on request
             internal_error(exc)
+        finally:
+            release_run_locks()
 
     return wrapper  # type: ignore[return-value]
 
@@ -93,6 +95,14 @@ def internal_error(exc: Exception) -> None:
     if os.environ.get("INFL_DEBUG"):
         raise exc
     fail(f"internal error: {type(exc).__name__}: {exc} (set INFL_DEBUG=1 for the traceback)", 70)
+
+
+_RUN_LOCKS: list[Any] = []
+
+
+def release_run_locks() -> None:
+    while _RUN_LOCKS:
+        _RUN_LOCKS.pop().release()
 
 
 ShardOption = typer.Option(
@@ -112,7 +122,18 @@ def open_session(config: Optional[str], overrides: Optional[List[str]]) -> Any:
     dist = init_from_env(cfg.influence.device)
     if not dist.is_main:
         err.quiet = True
-    return Session(cfg, RichReporter(err) if dist.is_main else Reporter(), dist=dist)
+    session = Session(cfg, RichReporter(err) if dist.is_main else Reporter(), dist=dist)
+    if dist.is_main:  # one command at a time writes into a run directory (rank 0 for torchrun)
+        from influence_cli.run import RunLock
+
+        root = session.run.root
+
+        def say_waiting(pid: str) -> None:
+            message = f"waiting for another infl command using {escape(str(root))} (pid {pid}) ..."
+            err.print(message, highlight=False, soft_wrap=True)
+
+        _RUN_LOCKS.append(RunLock(root).acquire(say_waiting))
+    return session
 
 
 def parse_shard_option(text: Optional[str]) -> Optional[tuple[int, int]]:

@@ -9,13 +9,15 @@ checkpoint hash is the SHA-256 of the weights file itself.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from influence_cli.config import Config
 from influence_cli.errors import OutputError, output_error
@@ -59,9 +61,10 @@ def influence_hash(config: Config, strategy: str) -> str:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only on success.
 
-    An interrupted write leaves at most a ``.tmp`` file that nothing ever reads. A write
-    the environment refuses (disk full, read-only, permissions, a folder in the way)
-    raises OutputError naming ``path``; the old file, if any, is left as it was.
+    An interrupted write leaves at most a ``.tmp`` file that nothing ever reads (and that
+    the next command holding the run's lock sweeps away). A write the environment refuses
+    (disk full, read-only, permissions, a folder in the way) raises OutputError naming
+    ``path``; the old file, if any, is left as it was.
     """
     path = Path(path)
     try:
@@ -155,6 +158,94 @@ def check_output_file(path: Path, option: str, example: str = "ranking.csv") -> 
         raise OutputError(path, f"cannot write: {parent} is a file, not a folder ({option}); choose another path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(path, f"cannot write: {parent} is read-only or not writable ({option}); choose another path")
+
+
+# ----------------------------------------------------------------------------- run lock
+
+#: Temporary names this tool's writers use (atomic_path/mkstemp, safetensors' own temp
+#: file, factors' temp and old directories, replace_directory's old directory).
+_TEMPORARY_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$|^\.tmp[A-Za-z0-9]{6}$")
+_TEMPORARY_DIR = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$|^\..+\.old-[0-9a-f]{8}$|^\..+\.old$")
+
+
+def sweep_temporaries(root: Path) -> int:
+    """Remove what interrupted writers left under ``root``; call only while holding the
+    run lock (no other infl command is writing there). Returns how many were removed."""
+    removed = 0
+    for folder, dirs, files in os.walk(root):
+        for name in list(dirs):
+            if _TEMPORARY_DIR.match(name):
+                dirs.remove(name)
+                shutil.rmtree(Path(folder) / name, ignore_errors=True)
+                removed += 1
+        for name in files:
+            if _TEMPORARY_FILE.match(name):
+                with contextlib.suppress(OSError):
+                    (Path(folder) / name).unlink()
+                    removed += 1
+    return removed
+
+
+class RunLock:
+    """An exclusive ``fcntl.flock`` on ``<run>/.lock`` for the duration of a command that
+    writes into the run, so two commands on one run directory take turns.
+
+    The holder writes its pid into the file; a command that has to wait says so once
+    (``on_wait(pid)``) and blocks until the holder exits (a killed holder releases it
+    too: the kernel drops the lock with the process).
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.path = self.root / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self, on_wait: Callable[[str], None] | None = None) -> "RunLock":
+        import fcntl
+
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise output_error(exc.filename if exc.filename else self.path, exc) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait(_read_pid(fd))
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return self  # a file system without locks: run unlocked, as before
+            raise output_error(self.path, exc) from None
+        except BaseException:  # interrupted while waiting
+            os.close(fd)
+            raise
+        self.fd = fd
+        sweep_temporaries(self.root)
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        import fcntl
+
+        with contextlib.suppress(OSError):
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+
+def _read_pid(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return "?"
+    return text if text.isdigit() else "?"
 
 
 class RunDir:
