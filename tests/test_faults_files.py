@@ -83,6 +83,13 @@ def test_damaged_factors_meta_is_refused_or_refitted(run, pristine, damage):
     refused = invoke("fit-factors", "-c", config)
     line = assert_one_line_error(refused)
     assert str(run_dir / "factors" / "ekfac") in line and "--overwrite" in line
+    reasons = {
+        "truncated": ["meta.json is truncated or not valid JSON"],
+        "changed digit": ["meta.json is damaged or edited (its content hash does not match)"],
+        "no content hash": ["meta.json is without a content hash (written by an older infl)"],
+        "flipped byte": ["meta.json is truncated or not valid JSON", "meta.json is damaged or edited"],
+    }
+    assert any(reason in line for reason in reasons[damage]), line
     audited = invoke("self-influence", "-c", config)
     assert audited.exit_code == 0, audited.output
     assert "refitting" in audited.output

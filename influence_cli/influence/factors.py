@@ -183,8 +183,12 @@ class Factors:
             raise FactorsError(f"no fitted factors at {Path(directory)} ({META_FILE} missing); run fit-factors")
         try:
             meta = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise FactorsError(f"corrupt factors metadata {path}: {exc}; re-run fit-factors") from None
+        except OSError as exc:
+            raise FactorsError(f"cannot read factors metadata {path}: {exc.strerror or exc}; re-run fit-factors") from None
+        except ValueError as exc:
+            raise CorruptFactorsError(
+                f"corrupt factors metadata {path}: {exc}; re-run fit-factors", f"{META_FILE} is truncated or not valid JSON"
+            ) from None
         if not isinstance(meta, dict):
             raise FactorsError(f"corrupt factors metadata {path}: not a JSON object; re-run fit-factors")
         if meta.get(META_HASH) != meta_digest(meta):
