@@ -59,12 +59,10 @@ def check_classes(train_y, test_y, test_ids: list[str], class_names: list[str], 
     if len(present) < 2:
         name = class_names[present.pop()]
         if cut:
-            what = f"{cut}training examples of one class only ('{name}'); raise data.limit"
+            what, fix = f"{cut}training examples of one class only ('{name}')", "raise data.limit"
         else:
-            what = f"every training example has the label '{name}'"
-        raise DataError(
-            f"{_where(config)}: {what}; an influence audit needs at least 2 classes: add examples of the other classes"
-        )
+            what, fix = f"every training example has the label '{name}'", "add examples of the other classes"
+        raise DataError(f"{_where(config)}: {what}; an influence audit needs at least 2 classes: {fix}")
     for i, label in enumerate(test_y.tolist()):
         if int(label) not in present:
             name = class_names[int(label)]
