@@ -107,12 +107,32 @@ def handle_errors(fn: F) -> F:
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]: finished stages are kept; partial outputs were discarded")
             raise typer.Exit(130)
+        except OSError as exc:
+            from influence_cli.errors import WRITE_ERRNOS
+
+            if exc.errno in WRITE_ERRNOS and exc.filename:  # the environment refused, not a bug
+                fail(f"{exc.filename}: {exc.strerror}; check the path, its permissions and the free space", 2)
+            internal_error(exc)
         except Exception as exc:  # a bug: say so in one line, full traceback on request
-            if os.environ.get("INFL_DEBUG"):
-                raise
-            fail(f"internal error: {type(exc).__name__}: {exc} (set INFL_DEBUG=1 for the traceback)", 70)
+            internal_error(exc)
+        finally:
+            release_run_locks()
 
     return wrapper  # type: ignore[return-value]
+
+
+def internal_error(exc: Exception) -> None:
+    if os.environ.get("INFL_DEBUG"):
+        raise exc
+    fail(f"internal error: {type(exc).__name__}: {exc} (set INFL_DEBUG=1 for the traceback)", 70)
+
+
+_RUN_LOCKS: list[Any] = []
+
+
+def release_run_locks() -> None:
+    while _RUN_LOCKS:
+        _RUN_LOCKS.pop().release()
 
 
 ShardOption = typer.Option(
@@ -133,7 +153,18 @@ def open_session(config: Optional[str], overrides: Optional[List[str]]) -> Any:
     dist = init_from_env(cfg.influence.device)
     if not dist.is_main:
         silence_rank()
-    return Session(cfg, RichReporter(err) if dist.is_main else Reporter(), dist=dist)
+    session = Session(cfg, RichReporter(err) if dist.is_main else Reporter(), dist=dist)
+    if dist.is_main:  # one command at a time writes into a run directory (rank 0 for torchrun)
+        from influence_cli.run import RunLock
+
+        root = session.run.root
+
+        def say_waiting(pid: str) -> None:
+            message = f"waiting for another infl command using {escape(str(root))} (pid {pid}) ..."
+            err.print(message, highlight=False, soft_wrap=True)
+
+        _RUN_LOCKS.append(RunLock(root).acquire(say_waiting))
+    return session
 
 
 def parse_shard_option(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -251,7 +282,10 @@ def self_influence_command(
     """
     from influence_cli.audit.report import render_class_summary, render_self_influence_table, write_csv
     from influence_cli.pipeline import run_self_influence
+    from influence_cli.run import check_output_file
 
+    if out is not None and str(out) != "-":
+        check_output_file(out, "--out")
     session = open_session(config, set_)
     shard_ = parse_shard_option(shard)
     if shard_ is not None:
@@ -315,9 +349,13 @@ def score(
     """
     from influence_cli.audit.score_table import render_score_table
     from influence_cli.pipeline import run_score
+    from influence_cli.run import check_output_file
 
     if measurement not in ("loss", "margin"):
         raise InflError(f"--measurement: '{measurement}' is not one of loss, margin")
+    for path, option, example in ((out, "--out", "scores.csv"), (matrix, "--matrix", "scores.safetensors")):
+        if path is not None and str(path) != "-":
+            check_output_file(path, option, example)
     session = open_session(config, set_)
     shard_ = parse_shard_option(shard)
     if shard_ is not None:

@@ -132,6 +132,8 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a state_dict from .safetensors or .pt/.pth without unpickling objects."""
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file (check model.checkpoint)")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found (check model.checkpoint)")
     suffix = path.suffix.lower()

@@ -19,7 +19,7 @@ from torch import nn
 from influence_cli import __version__
 from influence_cli.config import Config
 from influence_cli.distributed import DistContext, current, shard_range
-from influence_cli.errors import FactorsError, InflError
+from influence_cli.errors import CorruptFactorsError, FactorsError, InflError
 from influence_cli.loaders import BatchLoader
 from influence_cli.models import build_model, load_checkpoint, save_checkpoint
 from influence_cli.progress import Reporter
@@ -173,6 +173,11 @@ def _ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
             checkpoint_hash = meta["checkpoint_hash"]  # type: ignore[index]
             info = dict(meta)  # type: ignore[arg-type]
         else:
+            if not retrain and meta is not None and meta.get("training_hash") == want:
+                what = "is missing" if not run.checkpoint.is_file() else (
+                    f"is truncated, damaged or replaced (its hash does not match {run.train_meta.name})"
+                )
+                reporter.info(f"{run.checkpoint} {what}; training again")
             run.ensure()
             if problem is not None and meta is not None:
                 reporter.info(f"checkpoint in {run.root}: {problem}; retraining")
@@ -286,8 +291,8 @@ def stale_reason(directory: Any, want: dict[str, Any]) -> Optional[str]:
         return "incomplete or unreadable factors"
     try:
         meta = read_meta(directory)
-    except FactorsError:
-        return "incomplete or unreadable factors"
+    except FactorsError as exc:
+        return getattr(exc, "reason", None) or "incomplete or unreadable factors"
     stored = meta.get("data") if isinstance(meta.get("data"), dict) else None
     if "data" in want and (stored is None or stored.get("fingerprint") != want["data"]["fingerprint"]):
         return f"{describe_change(stored, want['data'])} since the factors were fitted"
@@ -325,8 +330,12 @@ def ensure_factors(
         problem = stale_reason(directory, want)
         if problem is None:
             start = time.perf_counter()
-            factors = load_factors(directory)
-            return FactorsState(factors, True, time.perf_counter() - start, directory)
+            try:
+                factors = load_factors(directory)  # verifies the tensors' sha256
+            except CorruptFactorsError as exc:
+                problem = exc.reason
+            else:
+                return FactorsState(factors, True, time.perf_counter() - start, directory)
         if not refit_stale:
             raise FactorsError(f"{directory}: {problem}; rerun with --overwrite to refit")
         reporter.info(f"factors in {directory}: {problem}; refitting")

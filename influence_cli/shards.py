@@ -32,7 +32,7 @@ import torch
 
 from influence_cli.distributed import shard_range
 from influence_cli.errors import ShardError
-from influence_cli.run import atomic_path, atomic_write_json, hash_file, read_json
+from influence_cli.run import atomic_path, atomic_write_json, hash_file, is_sealed, read_json, seal
 
 SHARD_FORMAT = 1
 
@@ -51,7 +51,7 @@ def write_shard(directory: Path, index: int, count: int, tensors: dict[str, torc
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     full = {"format": SHARD_FORMAT, "shard": index, "num_shards": count, "tensors_hash": hash_file(path), **meta}
-    atomic_write_json(directory / f"{stem}.json", full)
+    atomic_write_json(directory / f"{stem}.json", seal(full))  # sealed: a damaged json is refused
     return path
 
 
@@ -74,8 +74,8 @@ def read_shards(
     counts = {}
     for path in metas:
         meta = read_json(path)
-        if meta is None or "num_shards" not in meta:
-            raise ShardError(f"{path}: unreadable shard metadata; delete it and rerun that shard")
+        if meta is None or "num_shards" not in meta or not is_sealed(meta):
+            raise ShardError(f"{path}: unreadable or damaged shard metadata; delete it and rerun that shard")
         counts.setdefault(int(meta["num_shards"]), path)
     if len(counts) > 1:
         listed = ", ".join(f"{n} ({p.name})" for n, p in sorted(counts.items()))
@@ -213,7 +213,7 @@ def _valid_bases(session: Any, state: Any, strategy: str) -> Optional[dict[str, 
 
     path, meta_path = _bases_paths(session, strategy)
     meta = read_json(meta_path)
-    if meta is None or not path.is_file():
+    if meta is None or not is_sealed(meta) or not path.is_file():
         return None
     if any(meta.get(k) != v for k, v in want_meta(session, state, strategy).items()):
         return None
@@ -424,6 +424,6 @@ def _merge_factors(session: Any, state: Any, strategy: str, n: int) -> dict[str,
         tensors.update({f"{name}::l_s": l_s, f"{name}::q_s": q_s, f"{name}::l_a": l_a, f"{name}::q_a": q_a})
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    atomic_write_json(meta_path, {**want, "tensors_hash": hash_file(path), "examples": sums.examples})
+    atomic_write_json(meta_path, seal({**want, "tensors_hash": hash_file(path), "examples": sums.examples}))
     return {"stage": f"factors-{strategy}", "shards": len(shards), "outputs": [path], "done": False,
             "next": f"pass 1 merged; now run every `infl fit-factors --shard i/{len(shards)}` again (pass 2), then `infl merge`"}

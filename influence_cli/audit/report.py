@@ -46,7 +46,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from influence_cli.audit.ranking import SELF_INFLUENCE_COLUMNS
-from influence_cli.errors import DataError
+from influence_cli.errors import DataError, output_error
 
 ARROW = "→"
 FLAG_MARK = "⚑"
@@ -76,8 +76,11 @@ _UMASK = _current_umask()
 def _atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     """Open a temporary file next to ``path``; on success move it over ``path``."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise output_error(exc.filename if exc.filename else target, exc) from None
     try:
         kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
         with os.fdopen(fd, mode, **kwargs) as handle:
@@ -91,10 +94,13 @@ def _atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
             file_mode = 0o666 & ~_UMASK
         os.chmod(tmp, file_mode)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        error = output_error(target, exc) if isinstance(exc, OSError) else None
+        if error is None:
+            raise
+        raise error from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -42,6 +42,37 @@ def build_datasets(config: Config) -> Datasets:
     return finish(src, config)
 
 
+def _where(config: Config, test: bool = False) -> str:
+    """How messages name the data: the file or folder it came from, else the source."""
+    data = config.data
+    value = (data.test_path if test else data.train_path) or data.path
+    if data.source in ("image_folder", "csv_manifest", "table") and value is not None:
+        return str(config.resolve_path(value))
+    return f"data.source '{data.source}'"
+
+
+def check_classes(train_y, test_y, test_ids: list[str], class_names: list[str], config: Config, *, limited: bool) -> None:
+    """Refuse a training set with a single class, or a test example of a class that
+    training never sees (the model could not learn it), naming the data and the fix."""
+    present = set(int(v) for v in train_y.unique().tolist())
+    cut = f"data.limit {config.data.limit} keeps " if limited else ""
+    if len(present) < 2:
+        name = class_names[present.pop()]
+        if cut:
+            what, fix = f"{cut}training examples of one class only ('{name}')", "raise data.limit"
+        else:
+            what, fix = f"every training example has the label '{name}'", "add examples of the other classes"
+        raise DataError(f"{_where(config)}: {what}; an influence audit needs at least 2 classes: {fix}")
+    for i, label in enumerate(test_y.tolist()):
+        if int(label) not in present:
+            name = class_names[int(label)]
+            if cut:
+                fix = f"{cut}no training example of class '{name}'; raise data.limit"
+            else:
+                fix = f"class '{name}' has no training example; add training examples of that class or remove it"
+            raise DataError(f"{_where(config, test=True)}: test example '{test_ids[i]}': {fix}")
+
+
 def finish(src: SourceData, config: Config) -> Datasets:
     """Apply limit, label noise and standardisation to a source's split; check it."""
     data = config.data
@@ -57,6 +88,7 @@ def finish(src: SourceData, config: Config) -> Datasets:
         raise DataError(f"data.source '{data.source}': no test examples; check data.test_path or raise data.test_fraction")
     check_labels(train_y, num_classes, f"data.source '{data.source}' (train)")
     check_labels(src.test_y, num_classes, f"data.source '{data.source}' (test)")
+    check_classes(train_y, src.test_y, list(src.test_ids), list(src.class_names), config, limited=len(train_y) < len(src.train_y))
 
     noise = None
     if data.label_noise.fraction > 0:

@@ -70,6 +70,11 @@ def split_indices(labels: Sequence[int] | np.ndarray, test_fraction: float, seed
     except ValueError as exc:
         warnings.warn(f"{what}: cannot stratify the test split ({exc}); using a random seeded split", stacklevel=2)
         train, test = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=None)
+        # A class the random split put only into the test part goes back to training: the
+        # model could not learn it, and its examples are worth auditing.
+        missing = np.isin(y[test], y[train], invert=True)
+        if missing.any() and not missing.all():
+            train, test = np.concatenate([train, test[missing]]), test[~missing]
     train, test = np.sort(train), np.sort(test)
     if len(test) == 0:
         raise DataError(f"data.test_fraction {test_fraction} leaves no test examples out of {n} in {what}; raise it")

@@ -44,13 +44,21 @@ def _decode(path: Path, grayscale: bool, size: Optional[list[int]]) -> np.ndarra
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def decode_images(files: list[Path], config: Config) -> torch.Tensor:
-    """Decode all files into a float32 (N, C, H, W) tensor in [0, 1]."""
+def decode_images(files: list[Path], config: Config, origins: Optional[list[str]] = None) -> torch.Tensor:
+    """Decode all files into a float32 (N, C, H, W) tensor in [0, 1].
+
+    origins: where each file is listed (e.g. a manifest row), named in decode errors.
+    """
     size = config.data.image_size
     grayscale = config.data.grayscale
     arrays: list[np.ndarray] = []
-    for path in files:
-        array = _decode(path, grayscale, size)
+    for j, path in enumerate(files):
+        try:
+            array = _decode(path, grayscale, size)
+        except DataError as exc:
+            if origins is None:
+                raise
+            raise DataError(f"{origins[j]}: {exc}") from None
         if arrays and array.shape != arrays[0].shape:
             h0, w0 = arrays[0].shape[:2]
             h, w = array.shape[:2]
@@ -159,7 +167,7 @@ def row_name(i: int) -> str:
     return f"row {i} (line {i + 2})"
 
 
-def _read_manifest(config: Config, field: str) -> tuple[Path, list[str], list[str], list[Path]]:
+def _read_manifest(config: Config, field: str) -> tuple[Path, list[str], list[str], list[Path], list[str]]:
     csv_path = resolve(config, field, kind="file")
     frame = read_csv_strings(csv_path, field)
     label_column = config.data.label_column
@@ -176,6 +184,7 @@ def _read_manifest(config: Config, field: str) -> tuple[Path, list[str], list[st
     labels: list[str] = []
     files: list[Path] = []
     seen: dict[str, int] = {}
+    origins: list[str] = []
     for i, (rel, label) in enumerate(zip(frame["path"].tolist(), frame[label_column].tolist())):
         rel, label = rel.strip(), label.strip()
         if not rel:
@@ -186,6 +195,10 @@ def _read_manifest(config: Config, field: str) -> tuple[Path, list[str], list[st
             raise DataError(f"{csv_path}: {row_name(i)}: path '{rel}' is already listed in {row_name(seen[rel])}; list each image once")
         seen[rel] = i
         file = folder / rel
+        if file.is_dir():
+            raise DataError(
+                f"{csv_path}: {row_name(i)}: '{rel}' is a folder, not an image file; list image files (relative to the CSV's folder)"
+            )
         if not file.is_file():
             raise DataError(
                 f"{csv_path}: {row_name(i)}: image file '{rel}' not found (looked for {file}); paths are relative to the CSV's folder"
@@ -193,26 +206,28 @@ def _read_manifest(config: Config, field: str) -> tuple[Path, list[str], list[st
         ids.append(rel)
         labels.append(label)
         files.append(file)
-    return csv_path, ids, labels, files
+        origins.append(f"{csv_path}: {row_name(i)}")
+    return csv_path, ids, labels, files, origins
 
 
 def build_csv_manifest(config: Config) -> SourceData:
     data = config.data
     if data.train_path is not None:
-        _, train_ids, train_labels, train_files = _read_manifest(config, "train_path")
-        test_csv, test_ids, test_labels, test_files = _read_manifest(config, "test_path")
+        _, train_ids, train_labels, train_files, train_origins = _read_manifest(config, "train_path")
+        test_csv, test_ids, test_labels, test_files, test_origins = _read_manifest(config, "test_path")
         class_names = sort_class_names(train_labels)
         train_y = encode_labels(train_labels, class_names, "data.train_path")
         test_y = encode_labels(test_labels, class_names, str(test_csv), rows=[row_name(i) for i in range(len(test_labels))])
     else:
-        csv_path, ids, labels, files = _read_manifest(config, "path")
+        csv_path, ids, labels, files, origins = _read_manifest(config, "path")
         class_names = sort_class_names(labels)
         y = encode_labels(labels, class_names, str(csv_path))
         train_idx, test_idx = split_indices(y.numpy(), data.test_fraction, config.seed, str(csv_path))
         train_ids, test_ids = [ids[i] for i in train_idx], [ids[i] for i in test_idx]
         train_files, test_files = [files[i] for i in train_idx], [files[i] for i in test_idx]
+        train_origins, test_origins = [origins[i] for i in train_idx], [origins[i] for i in test_idx]
         train_y, test_y = y[torch.from_numpy(train_idx)], y[torch.from_numpy(test_idx)]
-    x = decode_images(train_files + test_files, config)
+    x = decode_images(train_files + test_files, config, train_origins + test_origins)
     n_train = len(train_files)
     return SourceData(
         train_x=x[:n_train],

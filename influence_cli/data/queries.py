@@ -48,6 +48,8 @@ def _row(path: Path, i: int) -> str:
 
 
 def _read(path: Path) -> tuple[list[str], list[list[str]]]:
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a CSV file; give the CSV of test rows to score")
     if not path.is_file():
         raise DataError(f"{path}: no such file; give the CSV of test rows to score")
     try:

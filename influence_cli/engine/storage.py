@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
-from influence_cli.errors import FactorsError
+from influence_cli.errors import CorruptFactorsError, FactorsError, output_error
 
 __all__ = [
     "FACTORS_FILE",
@@ -27,7 +27,16 @@ __all__ = [
     "read_stored",
     "merge_extra_meta",
     "package_version",
+    "file_sha256",
+    "meta_digest",
+    "TENSORS_HASH",
+    "META_HASH",
 ]
+
+#: meta.json carries the sha256 of factors.safetensors and of its own content; both are
+#: checked on every load, so a truncated, damaged or edited file is refused, never used.
+TENSORS_HASH = "tensors_sha256"
+META_HASH = "meta_sha256"
 
 FACTORS_FILE = "factors.safetensors"
 META_FILE = "meta.json"
@@ -49,10 +58,20 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
         raise FactorsError(f"no fitted factors at {Path(directory)} ({META_FILE} missing); run fit-factors")
     try:
         meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FactorsError(f"corrupt factors metadata {path}: {exc}; re-run fit-factors") from None
+    except OSError as exc:
+        raise FactorsError(f"cannot read factors metadata {path}: {exc.strerror or exc}; re-run fit-factors") from None
+    except ValueError as exc:
+        raise CorruptFactorsError(
+            f"corrupt factors metadata {path}: {exc}; re-run fit-factors", f"{META_FILE} is truncated or not valid JSON"
+        ) from None
     if not isinstance(meta, dict):
         raise FactorsError(f"corrupt factors metadata {path}: not a JSON object; re-run fit-factors")
+    if meta.get(META_HASH) != meta_digest(meta):
+        if META_HASH in meta:
+            why = "damaged or edited (its content hash does not match)"
+        else:
+            why = "without a content hash (written by an older infl)"
+        raise CorruptFactorsError(f"corrupt factors metadata {path}: {why}; re-run fit-factors", f"{META_FILE} is {why}")
     return meta
 
 
@@ -66,6 +85,15 @@ def read_stored(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     path = directory / FACTORS_FILE
     if not path.is_file():
         raise FactorsError(f"no fitted factors at {directory} ({FACTORS_FILE} missing); run fit-factors")
+    try:
+        digest = file_sha256(path)
+    except OSError as exc:
+        raise FactorsError(f"cannot read factors file {path}: {exc.strerror or exc}") from None
+    if digest != meta.get(TENSORS_HASH):
+        raise CorruptFactorsError(
+            f"corrupt factors file {path}: truncated or damaged (its sha256 does not match {META_FILE}); re-run fit-factors",
+            f"{FACTORS_FILE} is truncated or damaged (its sha256 does not match {META_FILE})",
+        )
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own error types
@@ -92,12 +120,20 @@ def atomic_save(target: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) 
     from safetensors.torch import save_file
 
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise output_error(target, exc) or exc from None
     try:
         save_file(tensors, str(tmp / FACTORS_FILE), metadata={"format": "infl-factors"})
-        _write_json(tmp / META_FILE, meta)  # last: its presence marks a complete write
+        os.chmod(tmp / FACTORS_FILE, 0o666 & ~_umask())  # the temp file safetensors renames is 0600
+        # meta.json last (its presence marks a complete write), carrying the sha256 of the
+        # tensors and of itself: a truncated or damaged file is refused on load.
+        meta[TENSORS_HASH] = file_sha256(tmp / FACTORS_FILE)
+        meta[META_HASH] = meta_digest(meta)
+        _write_json(tmp / META_FILE, meta)
         _fsync_dir(tmp)
         old = None
         if target.exists():
@@ -107,9 +143,39 @@ def atomic_save(target: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) 
         _fsync_dir(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        error = output_error(target, exc) if isinstance(exc, Exception) else None
+        if error is None:
+            raise
+        raise error from None
+
+
+def file_sha256(path: Path) -> str:
+    """Full SHA-256 hex digest of a file (streamed; the pages stay cached for the load)."""
+    import hashlib
+
+    with open(path, "rb") as handle:
+        if hasattr(hashlib, "file_digest"):  # Python >= 3.11
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+        digest = hashlib.sha256()
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+        return digest.hexdigest()
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of meta.json's content without its own hash (canonical JSON)."""
+    import hashlib
+
+    plain = {k: v for k, v in meta.items() if k != META_HASH}
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

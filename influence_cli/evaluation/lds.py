@@ -50,7 +50,7 @@ from influence_cli.config import Config
 from influence_cli.errors import InflError
 from influence_cli.models import build_model
 from influence_cli.progress import Reporter
-from influence_cli.run import atomic_write_json, hash_object, read_json, training_hash
+from influence_cli.run import atomic_write_json, hash_object, is_sealed, read_json, seal, training_hash
 from influence_cli.training import resolve_device, train_model
 
 from .common import Stopwatch, clean_number, fmt, fmt_seconds, json_safe, resolve_strategies, timed_factors
@@ -197,11 +197,15 @@ def evaluate_lds(
         )
         return cache_dir / f"{key}.json"
 
-    def cached_values(path: Any) -> tuple[Optional[np.ndarray], float]:
+    def cached_values(path: Any, *, say: bool = False) -> tuple[Optional[np.ndarray], float]:
+        """A finished retraining's measurements; None when missing, truncated or damaged
+        (the file is sealed with its content hash)."""
         cached = read_json(path)
-        values = cached.get("values") if cached else None
-        if isinstance(values, list) and len(values) == t_count and all(v is not None for v in values):
+        values = cached.get("values") if cached and is_sealed(cached) else None
+        if isinstance(values, list) and len(values) == t_count and all(isinstance(v, (int, float)) for v in values):
             return np.asarray(values, dtype=np.float64), float(cached.get("train_seconds") or 0.0)
+        if say and path.exists():
+            reporter.info(f"{path}: cached retraining is truncated or damaged; retraining it")
         return None, 0.0
 
     # Under torchrun the retrainings are dealt out to the ranks (job j on rank j mod world);
@@ -218,7 +222,7 @@ def evaluate_lds(
                 continue
             idx = subset_idx[r]
             path = cache_path(r, s, idx)
-            values_np, recorded = cached_values(path)
+            values_np, recorded = cached_values(path, say=True)
             if values_np is not None:
                 measured[r, s] = values_np
                 seconds_recorded += recorded
@@ -235,15 +239,17 @@ def evaluate_lds(
                     raise InflError(f"evaluate --lds: retraining on subset {r} gave non-finite {measurement}es; lower train.lr")
                 atomic_write_json(
                     path,
-                    {
-                        "subset": r,
-                        "seed": seed,
-                        "measurement": measurement,
-                        "training_hash": base_hash,
-                        "subset_size": size,
-                        "train_seconds": elapsed,
-                        "values": values_np.tolist(),
-                    },
+                    seal(
+                        {
+                            "subset": r,
+                            "seed": seed,
+                            "measurement": measurement,
+                            "training_hash": base_hash,
+                            "subset_size": size,
+                            "train_seconds": elapsed,
+                            "values": values_np.tolist(),
+                        }
+                    ),
                 )
                 measured[r, s] = values_np
                 seconds_now += elapsed

@@ -21,6 +21,7 @@ from influence_cli.engine import (
     select_modules,
 )
 from influence_cli.engine.kernels import reference_rotated_grads, rotated_per_example_grads
+from influence_cli.engine.storage import META_HASH, meta_digest
 from influence_cli.engine.reference import dense_fisher, per_example_gradients
 from influence_cli.engine.tracked import eval_mode, to_weight_order
 from engine_helpers import batches, make_branch_cnn, make_cnn, make_data, make_mlp, seeded
@@ -260,6 +261,10 @@ def test_load_refuses_bad_directories(tmp_path, mlp_setup):
     fit(model, x, y, "ekfac").save(target)
     meta = json.loads((target / "meta.json").read_text())
     meta["modules"]["0"]["d_in"] = 99
+    (target / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(FactorsError, match="damaged or edited"):  # the content hash catches an edit
+        Factors.load(target)
+    meta[META_HASH] = meta_digest(meta)  # a consistent meta.json that disagrees with the tensors
     (target / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(FactorsError, match="inconsistent"):
         Factors.load(target)

@@ -33,6 +33,7 @@ from influence_cli.engine import (
     select_modules,
     self_influence,
 )
+from influence_cli.engine.storage import META_HASH, meta_digest
 from engine_helpers import batches, make_cnn, make_data, make_mlp, seeded
 
 F64 = torch.float64
@@ -255,7 +256,8 @@ def test_exact_save_load_round_trip(tmp_path, setup):
         self_influence(other, loaded, batches(x, y, 5))
     with pytest.raises(FactorsError, match="missing"):
         load_factors(tmp_path / "nowhere")
-    (target / "meta.json").write_text(json.dumps({**meta, "strategy": "magic"}))
+    magic = {**meta, "strategy": "magic"}
+    (target / "meta.json").write_text(json.dumps({**magic, META_HASH: meta_digest(magic)}))
     with pytest.raises(FactorsError, match="unknown strategy"):
         load_factors(target)
     (target / "meta.json").write_text("{not json")
