@@ -40,11 +40,9 @@ CACHED_SOURCES = ("digits", "table", "image_folder", "csv_manifest")
 
 
 def _file_sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    from influence_cli.run import hash_file
+
+    return hash_file(path)
 
 
 def _code_hash() -> str:
