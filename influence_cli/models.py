@@ -127,6 +127,34 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
     return _torchvision(cfg, input_shape, num_classes)
 
 
+def check_model_fits(model: nn.Module, cfg: ModelConfig, sample: torch.Tensor, num_classes: int) -> None:
+    """One forward pass on a couple of training inputs, before any training: a model that
+    cannot take the data's inputs, or does not give one logit per class, is a config
+    problem (one line, exit 2), not a crash in the middle of training."""
+    what = f"model.arch {cfg.arch}" + (f" ({cfg.factory})" if cfg.factory else "")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(sample)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(
+            f"{what}: cannot take the data's inputs of shape {tuple(sample.shape[1:])}: {reason}; "
+            "choose a model for this input shape (or resize the data: data.image_size, data.grayscale)"
+        ) from None
+    finally:
+        model.train(was_training)
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape != (len(sample), num_classes):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ModelError(
+            f"{what}: gives outputs of shape {shape} for {len(sample)} inputs, expected ({len(sample)}, {num_classes}) "
+            f"logits (one per class); set the model's number of outputs to {num_classes} (e.g. factory_kwargs: "
+            f"{{num_classes: {num_classes}}})"
+        )
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

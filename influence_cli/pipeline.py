@@ -21,7 +21,7 @@ from influence_cli.config import Config
 from influence_cli.distributed import DistContext, current, shard_range
 from influence_cli.errors import CorruptFactorsError, FactorsError, InflError
 from influence_cli.loaders import BatchLoader
-from influence_cli.models import build_model, load_checkpoint, save_checkpoint
+from influence_cli.models import build_model, check_model_fits, load_checkpoint, save_checkpoint
 from influence_cli.progress import Reporter
 from influence_cli.run import (
     RunDir,
@@ -155,6 +155,7 @@ def _ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
     data = session.data()
     num_classes = len(data.class_names)
     model = build_model(config.model, tuple(data.input_shape), num_classes, seed=session.model_seed)
+    check_model_fits(model, config.model, data.train.inputs[:2], num_classes)
     device = resolve_device(config.train.device)
     trained_now = False
     info: dict[str, Any] = {}

@@ -135,3 +135,26 @@ def test_factory_torchvision_resnet18_with_factory_kwargs() -> None:
     cfg = ModelConfig(arch="factory", factory="torchvision.models:resnet18", factory_kwargs={"num_classes": 10})
     model = build_model(cfg, (3, 32, 32), 10)  # weights=None is torchvision's default: no download
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_model_that_cannot_take_the_data_is_a_one_line_config_error(tmp_path) -> None:
+    """resnet18 (3 channels) on the 1-channel digits, and a head with the wrong number of
+    outputs: refused before training with exit 2, not an internal error mid-training."""
+    from typer.testing import CliRunner
+
+    from influence_cli.cli import app
+
+    (tmp_path / "wrong_head.py").write_text(
+        "import torch\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))\n"
+    )
+    common = ["--set", f"output.dir={tmp_path / 'runs'}", "--set", "train.epochs=1", "--set", "model.arch=factory"]
+    cases = {
+        "torchvision.models:resnet18": ("cannot take the data's inputs of shape (1, 8, 8)", ["--set", "model.factory_kwargs={num_classes: 10}"]),
+        "wrong_head:build": ("gives outputs of shape (2, 3) for 2 inputs, expected (2, 10)", ["--set", f"model.factory_path={tmp_path}"]),
+    }
+    for factory, (expected, extra) in cases.items():
+        result = CliRunner().invoke(app, ["train", *common, "--set", f"model.factory={factory}", *extra])
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: model.arch factory") and expected in lines[0], lines
+        assert not (tmp_path / "runs" / "digits-mlp" / "checkpoint.safetensors").exists()
