@@ -49,3 +49,5 @@ def label_parts(row: Mapping[str, Any]) -> tuple[str, Optional[str]]:
     suggested = str(row["suggested_label"]) if bool(row["flagged"]) else ""
     return given, (suggested if suggested else None)
 
+
+__all__ = ["ARROW", "FLAG_MARK", "MAX_ID_CHARS", "format_prob", "format_score", "label_parts", "shorten", "shorten_end"]

@@ -140,7 +140,6 @@ def render_class_summary(summary: Mapping[str, Any], console: Console, max_class
     console.print(Columns([per_class, pair_table], padding=(0, 4)))
 
 
-
 def _fmt(value: float) -> str:
     return f"{value:+.3g}"
 
@@ -175,3 +174,6 @@ def render_score_table(table: pd.DataFrame, console: Console, *, title: str, per
     remaining = table["test_id"].nunique() - shown
     if remaining > 0:
         console.print(f"[dim]… {remaining} more test rows in the CSV[/dim]")
+
+
+__all__ = ["render_class_summary", "render_score_table", "render_self_influence_table"]
