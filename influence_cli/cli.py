@@ -280,8 +280,9 @@ def self_influence_command(
     (flagged rows) and summary.json, and prints the top rows. Self-influence is
     g_iᵀ(H + λI)⁻¹g_i ≥ 0: how much the model had to bend to fit example i.
     """
-    from influence_cli.audit.report import render_class_summary, render_self_influence_table, write_csv
     from influence_cli.pipeline import run_self_influence
+    from influence_cli.render.files import write_csv
+    from influence_cli.render.tables import render_class_summary, render_self_influence_table
     from influence_cli.run import check_output_file
 
     if out is not None and str(out) != "-":
@@ -347,8 +348,8 @@ def score(
     score(train i, test t) = g_tᵀ(H + λI)⁻¹g_i; positive = proponent. Rows without a label are
     measured against the model's prediction.
     """
-    from influence_cli.audit.score_table import render_score_table
     from influence_cli.pipeline import run_score
+    from influence_cli.render.tables import render_score_table
     from influence_cli.run import check_output_file
 
     if measurement not in ("loss", "margin"):
@@ -419,10 +420,8 @@ def check(
     Flagged examples follow audit.flag (see README). With --baseline only new suspects count.
     Appends a Markdown summary to $GITHUB_STEP_SUMMARY when that is set.
     """
-    from influence_cli.audit.check import describe, junit_xml, markdown_summary
-    from influence_cli.audit.report import render_self_influence_table, write_csv
     from influence_cli.pipeline import run_check
-    from influence_cli.run import atomic_write_text
+    from influence_cli.render.ci import render_check, write_baseline as write_baseline_csv, write_ci_outputs
 
     session = open_session(config, set_)
     outcome = run_check(
@@ -439,28 +438,9 @@ def check(
             raise typer.Exit(1)
         return
     if write_baseline is not None:
-        flagged = outcome.self_influence.table
-        write_csv(flagged[flagged["flagged"]], write_baseline)
-        err.print(f"baseline: {int(flagged['flagged'].sum())} flagged examples → {escape(str(write_baseline))}", soft_wrap=True)
-    if junit is not None:
-        atomic_write_text(junit, junit_xml(result, f"infl check {name}"))
-    summary_md = markdown_summary(result, name)
-    if markdown is not None:
-        atomic_write_text(markdown, summary_md)
-    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if step_summary:
-        with open(step_summary, "a", encoding="utf-8") as handle:
-            handle.write(summary_md)
-    if len(result.offenders):
-        caption = f"{result.flagged_total} of {result.total} training examples flagged"
-        if result.baseline_used:
-            caption += f", {result.baseline_matched} accepted in the baseline"
-        title = f"{name}: flagged examples" + (" not in the baseline" if result.baseline_used else "")
-        render_self_influence_table(result.offenders, 20, err, title, caption=caption)
-    for threshold in result.thresholds:
-        mark = "[green]pass[/green]" if threshold.passed else "[bold red]FAIL[/bold red]"
-        err.print(f"{mark} {threshold.name}: {threshold.describe()} ({outcome.thresholds_from})", highlight=False)
-    err.print(f"{describe(result)} → {escape(str(session.run.root / 'check.csv'))}", highlight=False, soft_wrap=True)
+        write_baseline_csv(outcome.self_influence.table, write_baseline, err)
+    write_ci_outputs(result, name, junit=junit, markdown=markdown)
+    render_check(result, name, outcome.thresholds_from, session.run.root / "check.csv", err)
     if not result.passed:
         raise typer.Exit(1)
 

@@ -571,7 +571,7 @@ def finish_self_influence(
 ) -> SelfInfluenceResult:
     """Rank, flag and write the CSVs (rank 0 only) from the self-influence of every example."""
     from influence_cli.audit.ranking import build_ranking, class_summary
-    from influence_cli.audit.report import write_csv, write_json
+    from influence_cli.render.files import write_csv, write_json
 
     config, run = session.config, session.run
     scores_np = np.asarray(scores, dtype=np.float64)
@@ -682,7 +682,7 @@ def run_score(
 
     from safetensors.torch import save_file
 
-    from influence_cli.audit.report import write_csv
+    from influence_cli.render.files import write_csv
     from influence_cli.data.queries import read_query_rows
     from influence_cli.run import atomic_path
 
@@ -820,7 +820,7 @@ def run_check(
     from pathlib import Path
 
     from influence_cli.audit.check import evaluate_check, read_baseline
-    from influence_cli.audit.report import write_csv
+    from influence_cli.render.files import write_csv
 
     config = session.config
     baseline_ids = read_baseline(Path(baseline)) if baseline else None
@@ -849,7 +849,7 @@ def run_check(
 
 def run_report(session: Session, *, strategy: Optional[str] = None, top: int = 50) -> Any:
     """Write runs/<name>/report.html from a fresh (or reused) self-influence audit."""
-    from influence_cli.audit.report import write_html_report
+    from influence_cli.render.html import write_html_report
 
     si = run_self_influence(session, strategy)
     data = session.data()

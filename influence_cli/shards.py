@@ -332,7 +332,7 @@ def _merge_self_influence(session: Any, state: Any, strategy: str, n: int) -> di
 
 
 def _merge_score(session: Any, state: Any, stage: str, n: int) -> dict[str, Any]:
-    from influence_cli.audit.report import write_csv
+    from influence_cli.render.files import write_csv
     from influence_cli.data.queries import read_query_rows
     from influence_cli.engine import TopInfluences
     from influence_cli.pipeline import _score_rows, merge_top

@@ -1,4 +1,4 @@
-"""The CI gate's pure logic: thresholds, baselines, JUnit XML, Markdown."""
+"""The CI gate: its pure logic (thresholds, baselines) and its JUnit XML and Markdown outputs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from influence_cli.audit.check import evaluate_check, junit_xml, markdown_summary, read_baseline
+from influence_cli.audit.check import evaluate_check, read_baseline
 from influence_cli.errors import DataError
+from influence_cli.render.ci import junit_xml, markdown_summary
 
 
 def table(flags: list[bool]) -> pd.DataFrame:
@@ -75,7 +76,7 @@ def test_read_baseline(tmp_path: Path) -> None:
 
 
 def test_describe_mentions_the_baseline_only_when_given() -> None:
-    from influence_cli.audit.check import describe
+    from influence_cli.render.ci import describe
 
     frame = table([True, True, False, True] + [False] * 96)
     plain = evaluate_check(frame, max_flagged_fraction=0.02, max_flagged=None)

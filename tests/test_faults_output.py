@@ -56,7 +56,7 @@ def test_out_below_a_file_and_output_dir_that_is_a_file(tmp_path, config):
 
 
 def test_write_helpers_map_enospc_and_keep_the_old_file(tmp_path, monkeypatch):
-    from influence_cli.audit import report
+    from influence_cli.render import files as report
     from influence_cli.run import atomic_write_json
 
     target = tmp_path / "out" / "train.json"

@@ -1,5 +1,6 @@
-"""Audit layer: ranking and flagging of training examples, CSV/JSON/HTML reports, CI checks.
+"""Audit layer: ranking and flagging of training examples, and the CI check's decision.
 
-Pure code: it receives numpy arrays and pandas frames and writes files or renders tables;
-it never trains models or computes gradients.
+Pure code: it receives numpy arrays and pandas frames and returns frames and results; it
+never trains models, computes gradients, writes files or renders anything (that is
+:mod:`influence_cli.render`).
 """

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 
-from influence_cli.audit.report import jsonable as json_safe  # noqa: F401  (re-exported: one JSON-cleaning rule for every file we write)
+from influence_cli.render.files import jsonable as json_safe  # noqa: F401  (re-exported: one JSON-cleaning rule for every file we write)
 
 from influence_cli.errors import FactorsError, InflError
 

@@ -17,7 +17,7 @@ from influence_cli.audit.ranking import (
     robust_z,
     top_count,
 )
-from influence_cli.audit.report import write_json
+from influence_cli.render.files import write_json
 from influence_cli.config import FlagConfig
 from influence_cli.errors import DataError, InfluenceError
 

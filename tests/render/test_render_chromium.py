@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from influence_cli.audit.ranking import build_ranking, class_summary
-from influence_cli.audit.report import write_html_report
 from influence_cli.config import FlagConfig
+from influence_cli.render.html import write_html_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -1,4 +1,4 @@
-"""CSV/JSON writers, rich tables and the HTML report of the audit layer."""
+"""CSV/JSON writers, rich tables and the HTML report (influence_cli.render)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,13 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from influence_cli.audit import report
 from influence_cli.audit.ranking import SELF_INFLUENCE_COLUMNS, build_ranking, class_summary
-from influence_cli.audit.report import (
-    format_prob,
-    format_score,
-    read_ranking_csv,
-    render_class_summary,
-    render_self_influence_table,
-    write_csv,
-    write_html_report,
-    write_json,
-)
 from influence_cli.config import FlagConfig
+from influence_cli.render import html as html_report
+from influence_cli.render.files import read_ranking_csv, write_csv, write_json
+from influence_cli.render.format import format_prob, format_score
+from influence_cli.render.html import write_html_report
+from influence_cli.render.tables import render_class_summary, render_self_influence_table
 
 EVIL_CLASS = "<script>alert(1)</script>"
 EVIL_ID = 'pic "quoted" & <b>bold</b>.png'
@@ -278,10 +272,10 @@ def test_image_conversion_of_other_dtypes():
                   np.random.default_rng(0).normal(size=(3, 10, 10)),     # channels-first, any range
                   np.ones((12, 12, 1), dtype=np.int64) * 200,            # 0..255 integers
                   np.zeros((8, 8), dtype=bool)):
-        uri = report.image_to_png_data_uri(image)
+        uri = html_report.image_to_png_data_uri(image)
         img = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
         assert min(img.size) >= 96
-    big = report.image_to_png_data_uri(np.zeros((600, 900, 3), dtype=np.uint8))
+    big = html_report.image_to_png_data_uri(np.zeros((600, 900, 3), dtype=np.uint8))
     assert max(Image.open(io.BytesIO(base64.b64decode(big.split(",", 1)[1]))).size) <= 256
     with pytest.raises(ValueError):
-        report.image_to_png_data_uri(np.zeros((2, 3, 5, 7)))
+        html_report.image_to_png_data_uri(np.zeros((2, 3, 5, 7)))
