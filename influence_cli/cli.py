@@ -75,7 +75,15 @@ def strategy_help() -> str:
     return f"How (H + λI)⁻¹ is approximated (default: influence.strategy) — {choices}."
 
 
+def slow_strategy_names() -> str:
+    """The registry's ``slow`` strategies (``infl evaluate`` runs them only when named)."""
+    from influence_cli.engine import STRATEGIES
+
+    return ", ".join(name for name, cls in STRATEGIES.items() if cls.slow) or "none"
+
+
 STRATEGY_HELP = strategy_help()
+SLOW_STRATEGIES = slow_strategy_names()
 SetOption = typer.Option(
     None, "--set", metavar="KEY=VALUE",
     help="Override a config value, e.g. --set train.epochs=5 (repeatable; value read as YAML).",
@@ -480,16 +488,17 @@ def evaluate(
     measurement: str = typer.Option("loss", "--measurement", "-m", help="LDS: loss or margin."),
     strategies: Optional[List[str]] = typer.Option(
         None, "--strategy", "-s", metavar="NAME",
-        help="Strategy to evaluate (repeatable; default: every fast registered strategy).",
+        help=f"Strategy to evaluate (repeatable; default: every registered strategy not marked slow; slow, so only when named: {SLOW_STRATEGIES}).",
     ),
 ) -> None:
     """Check how far to trust the rankings on your own data: injected-noise detection and LDS.
 
     Writes runs/<name>-noise<F>-<kind>/evaluation.json and runs/<name>/lds.json. Every
-    strategy is evaluated unless -s is given (lissa only when named: it is slow); add
+    strategy is evaluated unless -s is given (those the registry marks slow only when named); add
     --set influence.ensemble=3 to evaluate 3-model ensembles.
     """
     from influence_cli.evaluation import run_evaluate
+    from influence_cli.render.evaluation import render_evaluation
 
     if kind not in ("uniform", "class_conditional"):
         raise InflError(f"--kind: '{kind}' is not one of uniform, class_conditional")
@@ -511,7 +520,7 @@ def evaluate(
         measurement=measurement,
         strategies=strategies,
         reporter=session.reporter,
-        console=err,
+        on_result=lambda part, result: render_evaluation(part, result, err),
     )
     err.print(f"evaluation finished in {time.perf_counter() - start:.1f} s", highlight=False)
 

@@ -8,17 +8,19 @@
   training subsets.
 - :mod:`.metrics`: AUROC, average precision, precision@k, recall@fraction, Spearman.
 
-:func:`run_evaluate` runs either or both and renders the tables (what ``infl evaluate``
-does); ``python -m influence_cli.evaluation --help`` is a stand-alone entry point.
+:func:`run_evaluate` runs either or both (what ``infl evaluate`` does, its one entry
+point); the tables are drawn by :mod:`influence_cli.render.evaluation`. Both evaluations
+share one per-strategy loop, :func:`.common.score_strategies`; the LDS retrainings and their
+cache are in :mod:`.retraining`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from .common import default_strategies
-from .detection import evaluate_noise_detection, noisy_config, render_detection_table
-from .lds import evaluate_lds, render_lds_table
+from .detection import evaluate_noise_detection, noisy_config
+from .lds import evaluate_lds
 from .metrics import auroc, average_precision, precision_at_k, recall_at_fraction, spearman
 
 __all__ = [
@@ -30,8 +32,6 @@ __all__ = [
     "noisy_config",
     "precision_at_k",
     "recall_at_fraction",
-    "render_detection_table",
-    "render_lds_table",
     "run_evaluate",
     "spearman",
 ]
@@ -50,11 +50,12 @@ def run_evaluate(
     measurement: str = "loss",
     strategies: Optional[Iterable[str]] = None,
     reporter: Any = None,
-    console: Any = None,
+    on_result: Optional[Callable[[str, dict[str, Any]], None]] = None,
 ) -> dict[str, Any]:
     """``infl evaluate``: noise detection when ``noise`` is given, LDS when ``lds``; with
-    neither, noise detection at 0.1. Renders each table on ``console`` when given and
-    returns ``{"noise_detection": {...}, "lds": {...}}`` (only the parts that ran)."""
+    neither, noise detection at 0.1. Calls ``on_result(part, result)`` as each part
+    finishes (the CLI draws its table there) and returns
+    ``{"noise_detection": {...}, "lds": {...}}`` (only the parts that ran)."""
     strategies = list(strategies) if strategies is not None else None
     if noise is None and not lds:
         noise = 0.1
@@ -63,8 +64,8 @@ def run_evaluate(
         out["noise_detection"] = evaluate_noise_detection(
             config, fraction=noise, kind=noise_kind, strategies=strategies, reporter=reporter
         )
-        if console is not None:
-            render_detection_table(out["noise_detection"], console)
+        if on_result is not None:
+            on_result("noise_detection", out["noise_detection"])
     if lds:
         out["lds"] = evaluate_lds(
             config,
@@ -76,6 +77,6 @@ def run_evaluate(
             strategies=strategies,
             reporter=reporter,
         )
-        if console is not None:
-            render_lds_table(out["lds"], console)
+        if on_result is not None:
+            on_result("lds", out["lds"])
     return out

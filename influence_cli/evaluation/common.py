@@ -1,12 +1,12 @@
-"""Helpers shared by the detection and LDS evaluations."""
+"""Helpers shared by the detection and LDS evaluations, and their one per-strategy loop
+(:func:`score_strategies`: fit or reuse each strategy's factors, time it, score, collect)."""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
-
+from typing import Any, Callable, Iterable, Optional
 
 from influence_cli.render.files import jsonable as json_safe  # noqa: F401  (re-exported: one JSON-cleaning rule for every file we write)
 
@@ -90,22 +90,83 @@ def derived_config(config: Any, *, name: str, updates: dict[str, Any]) -> Any:
     return derived
 
 
-def fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "—"
-    return f"{float(value):.{digits}f}"
+def is_memory_error(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate" in text)
 
 
-def fmt_seconds(value: Any) -> str:
-    if value is None:
-        return "—"
-    value = float(value)
-    if value < 1:
-        return f"{value * 1000:.0f} ms"
-    if value < 10:
-        return f"{value:.2f} s"
-    if value < 600:
-        return f"{value:.1f} s"
-    return f"{value / 60:.1f} min"
+@dataclass
+class StrategyOutcome:
+    """One strategy's scores (whatever ``score`` returned) and timings, or why it was skipped."""
+
+    name: str
+    value: Any = None
+    fit_seconds: float = 0.0
+    score_seconds: float = 0.0
+    factors_reused: bool = True
+    skipped: Optional[str] = None
+
+    def timings(self) -> dict[str, Any]:
+        return {
+            "seconds": self.fit_seconds + self.score_seconds,
+            "fit_seconds": self.fit_seconds,
+            "score_seconds": self.score_seconds,
+            "factors_reused": self.factors_reused,
+        }
+
+
+Score = Callable[[str, list], Any]  # (strategy name, every member's FactorsState) -> scores
+
+
+def score_strategy(members: list, name: str, score: Score, reporter: Any, *, stale_is_fatal: bool = False) -> StrategyOutcome:
+    """Fit (or reuse) every ensemble member's factors for ``name`` — first, so that the
+    scoring time is scoring only — then call ``score``. An InflError (InfluenceError,
+    FactorsError, ...) or running out of memory skips the strategy with a warning;
+    ``stale_is_fatal`` re-raises FactorsError (stale stored factors need --overwrite)."""
+    try:
+        outcome = StrategyOutcome(name)
+        fstates = []
+        for member in members:
+            timed = timed_factors(member.session, member.state, name)
+            outcome.fit_seconds += timed.fit_seconds
+            outcome.factors_reused = outcome.factors_reused and timed.reused
+            fstates.append(timed.state)
+        watch = Stopwatch()
+        outcome.value = score(name, fstates)
+        outcome.score_seconds = watch()
+        return outcome
+    except InflError as exc:
+        if stale_is_fatal and isinstance(exc, FactorsError):
+            raise
+        reason = said = str(exc)
+    except (MemoryError, RuntimeError) as exc:
+        if not is_memory_error(exc):
+            raise
+        reason, said = f"out of memory: {exc}".strip(), "out of memory"
+    finally:
+        for member in members:
+            member.state.model.cpu()
+    reporter.warn(f"{name}: skipped: {said}")
+    return StrategyOutcome(name, skipped=reason)
+
+
+def score_strategies(members: list, names: Iterable[str], score: Score, reporter: Any, *,
+                     stale_is_fatal: bool = False) -> list[StrategyOutcome]:
+    """The per-strategy loop of every evaluation: :func:`score_strategy` for each name."""
+    return [score_strategy(members, name, score, reporter, stale_is_fatal=stale_is_fatal) for name in names]
+
+
+def rounded_entry(entry: dict[str, Any], metric_keys: Iterable[str]) -> dict[str, Any]:
+    """A result entry for a readable JSON: metrics to 6 digits, times (``*seconds``) to ms."""
+    metric_keys = set(metric_keys)
+    out = {}
+    for key, value in entry.items():
+        if key in metric_keys:
+            out[key] = clean_number(value, 6)
+        elif key.endswith("seconds"):
+            out[key] = clean_number(value, 3)
+        else:
+            out[key] = value
+    return out

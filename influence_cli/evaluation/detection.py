@@ -9,8 +9,9 @@ baselines, and score every ranking against the known flips.
   there like for any run (stale factors in that directory are refitted automatically).
 - Baselines: ``loss`` is the per-example training cross-entropy (against the noisy
   labels); ``gradient_norm`` is the squared norm of the per-example gradient of the
-  tracked layers, ‖g_i‖². That is exactly self-influence with the ``identity`` strategy
-  (P = I), so it reuses those scores when identity is evaluated anyway.
+  tracked layers, ‖g_i‖². That is exactly self-influence with the identity strategy
+  (the registry's ``Identity`` class, P = I), so it reuses those scores when identity is
+  evaluated anyway.
 - Metrics per ranking (higher = more suspicious): AUROC, average precision, precision@k
   with k = the number of flipped labels, recall in the top 5/10/20 % of the ranking, and
   the wall time (for strategies: fitting the factors, as recorded when they were fitted,
@@ -24,7 +25,6 @@ atomically into the noisy run directory.
 from __future__ import annotations
 
 import io
-import time
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -42,11 +42,11 @@ from .common import (
     Stopwatch,
     clean_number,
     derived_config,
-    fmt,
-    fmt_seconds,
     json_safe,
     resolve_strategies,
-    timed_factors,
+    rounded_entry,
+    score_strategies,
+    score_strategy,
 )
 from .metrics import auroc, average_precision, precision_at_k, recall_at_fraction
 
@@ -56,8 +56,8 @@ __all__ = [
     "noisy_config",
     "detection_metrics",
     "per_example_loss",
+    "gradient_norm_strategy",
     "evaluate_noise_detection",
-    "render_detection_table",
 ]
 
 RECALL_FRACTIONS = (0.05, 0.10, 0.20)
@@ -79,6 +79,15 @@ def noisy_config(config: Config, fraction: float, kind: str = "uniform") -> Conf
     name = f"{config.name}-noise{float(fraction):g}-{kind}"
     noise = {"fraction": float(fraction), "kind": kind, "seed": int(config.seed)}
     return derived_config(config, name=name, updates={"data.label_noise": noise})
+
+
+def gradient_norm_strategy() -> str:
+    """The registered name of the P = I strategy (``engine.strategies.identity.Identity``):
+    its self-influence is the gradient-norm baseline ‖g_i‖²."""
+    from influence_cli.engine import STRATEGIES
+    from influence_cli.engine.strategies.identity import Identity
+
+    return next((name for name, cls in STRATEGIES.items() if cls is Identity), Identity.name)
 
 
 def detection_metrics(scores: Any, flipped: Any) -> dict[str, float]:
@@ -109,11 +118,28 @@ def per_example_loss(model: torch.nn.Module, dataset: Any, batch_size: int = 512
     return torch.cat(out).numpy()
 
 
-def _is_memory_error(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate" in text)
+def _noisy_session(config: Config, fraction: float, kind: str, reporter: Reporter) -> Any:
+    """The checked arguments' session on the noisy run (the labels flipped, some kept)."""
+    from influence_cli.pipeline import Session
+
+    if not 0.0 < float(fraction) < 1.0:
+        raise InflError(f"evaluate --noise: {fraction} is not a fraction in (0, 1); use e.g. --noise 0.1")
+    if kind not in NOISE_KINDS:
+        raise InflError(f"evaluate: unknown noise kind '{kind}'; use {' or '.join(NOISE_KINDS)}")
+    if config.model.checkpoint:
+        raise InflError(
+            "evaluate --noise trains a model on the noisy labels, so it cannot use model.checkpoint; "
+            "remove model.checkpoint (e.g. --set model.checkpoint=null) to evaluate with the configured training"
+        )
+    session = Session(noisy_config(config, fraction, kind), reporter)
+    data = session.data()
+    if data.noise is None or not bool(data.noise.flipped.any()):
+        raise InflError(
+            f"evaluate --noise {fraction}: no label was flipped in {len(data.train)} training examples; use a larger fraction"
+        )
+    if bool(data.noise.flipped.all()):
+        raise InflError(f"evaluate --noise {fraction}: every label was flipped; use a smaller fraction")
+    return session
 
 
 def evaluate_noise_detection(
@@ -132,180 +158,86 @@ def evaluate_noise_detection(
     recorded as ``{"skipped": reason}`` and the others go on.
     Returns the JSON-serialisable result that is also written to evaluation.json.
     """
-    from influence_cli.pipeline import Session, ensure_members, members_probs, members_self_influence
+    from influence_cli.pipeline import ensure_members
 
-    if not 0.0 < float(fraction) < 1.0:
-        raise InflError(f"evaluate --noise: {fraction} is not a fraction in (0, 1); use e.g. --noise 0.1")
-    if kind not in NOISE_KINDS:
-        raise InflError(f"evaluate: unknown noise kind '{kind}'; use {' or '.join(NOISE_KINDS)}")
-    if config.model.checkpoint:
-        raise InflError(
-            "evaluate --noise trains a model on the noisy labels, so it cannot use model.checkpoint; "
-            "remove model.checkpoint (e.g. --set model.checkpoint=null) to evaluate with the configured training"
-        )
     names = resolve_strategies(strategies)
     reporter = reporter or Reporter()
     total = Stopwatch()
-    noisy = noisy_config(config, fraction, kind)
-    session = Session(noisy, reporter)
+    session = _noisy_session(config, fraction, kind, reporter)
     data = session.data()
-    if data.noise is None or not bool(data.noise.flipped.any()):
-        raise InflError(
-            f"evaluate --noise {fraction}: no label was flipped in {len(data.train)} training examples; use a larger fraction"
-        )
     flipped = data.noise.flipped.numpy().astype(bool)
-    n, k = len(flipped), int(flipped.sum())
-    if k == n:
-        raise InflError(f"evaluate --noise {fraction}: every label was flipped; use a smaller fraction")
-
     members = ensure_members(session)
-    state = members[0].state
-
     columns: dict[str, np.ndarray] = {}
     rankings: dict[str, dict[str, Any]] = {}
-    for name in names:
-        try:
-            fit_seconds, factors_reused, fstates = 0.0, True, []
-            for member in members:  # fit (or reuse) first, so the scoring time is scoring only
-                tf = timed_factors(member.session, member.state, name)
-                fit_seconds += tf.fit_seconds
-                factors_reused = factors_reused and tf.reused
-                fstates.append(tf.state)
-            start = time.perf_counter()
-            values, _ = members_self_influence(members, name, fstates=fstates)
-            score_seconds = time.perf_counter() - start
-        except InflError as exc:  # InfluenceError, FactorsError, ... are InflErrors
-            rankings[name] = {"type": "strategy", "skipped": str(exc)}
-            reporter.warn(f"{name}: skipped: {exc}")
-            continue
-        except (MemoryError, RuntimeError) as exc:
-            if not _is_memory_error(exc):
-                raise
-            rankings[name] = {"type": "strategy", "skipped": f"out of memory: {exc}".strip()}
-            reporter.warn(f"{name}: skipped: out of memory")
-            continue
-        finally:
-            for member in members:
-                member.state.model.cpu()
-        if not np.all(np.isfinite(values)):
-            rankings[name] = {"type": "strategy", "skipped": "non-finite self-influence (raise influence.damping)"}
-            continue
-        columns[name] = values
-        rankings[name] = {
-            "type": "strategy",
-            **detection_metrics(values, flipped),
-            "seconds": fit_seconds + score_seconds,
-            "fit_seconds": fit_seconds,
-            "score_seconds": score_seconds,
-            "factors_reused": factors_reused,
-        }
-
-    # Baseline 1: the training loss against the (noisy) given labels (ensemble: the mean).
-    start = time.perf_counter()
-    losses = sum(per_example_loss(m.state.model, data.train) for m in members) / len(members)
-    loss_seconds = time.perf_counter() - start
-    columns["loss"] = losses
-    rankings["loss"] = {"type": "baseline", **detection_metrics(losses, flipped), "seconds": loss_seconds}
-
-    # Baseline 2: ‖g_i‖² of the tracked layers = self-influence with the identity strategy.
-    if "identity" in columns:
-        rankings["gradient_norm"] = {
-            "type": "baseline",
-            **{key: rankings["identity"][key] for key in METRIC_KEYS},
-            "seconds": rankings["identity"]["score_seconds"],
-            "same_as": "identity",
-        }
-        columns["gradient_norm"] = columns["identity"]
-    else:
-        try:
-            start = time.perf_counter()
-            norms, _ = members_self_influence(members, "identity")
-            seconds = time.perf_counter() - start
-            columns["gradient_norm"] = norms
-            rankings["gradient_norm"] = {
-                "type": "baseline",
-                **detection_metrics(norms, flipped),
-                "seconds": seconds,
-                "same_as": "identity",
-            }
-        except InflError as exc:
-            rankings["gradient_norm"] = {"type": "baseline", "skipped": str(exc)}
-        finally:
-            for member in members:
-                member.state.model.cpu()
-
-    predicted = members_probs(members, data.train).argmax(1)
-    given = data.train.labels.numpy()
-    original = data.noise.original_labels.numpy()
+    for outcome in score_strategies(members, names, _self_influence(members), reporter):
+        rankings[outcome.name] = _strategy_ranking(outcome, flipped, columns)
+    rankings.update(_baselines(members, data.train, flipped, columns, rankings))
     run = session.run
     run.ensure()
-    csv_path = run.root / "evaluation_scores.csv"
-    _write_scores_csv(csv_path, data.train.ids, given, original, flipped, predicted, columns)
-
-    result = {
-        "evaluation": "noise_detection",
-        "config": config.name,
-        "run": noisy.name,
-        "run_dir": str(run.root),
-        "noise": {"fraction": float(fraction), "kind": kind, "seed": int(config.seed)},
-        "examples": n,
-        "flipped": k,
-        "k": k,
-        "ensemble": len(members),
-        "model": {
-            "trained_now": state.trained_now,
-            "train_seconds": state.info.get("train_seconds"),
-            "train_accuracy_noisy_labels": float((predicted == given).mean()),
-            "train_accuracy_original_labels": float((predicted == original).mean()),
-            "flipped_memorised": float((predicted[flipped] == given[flipped]).mean()),
-            "test_accuracy": float((members_probs(members, data.test).argmax(1) == data.test.labels.numpy()).mean()),
-        },
-        "chance": {
-            "auroc": 0.5,
-            "average_precision": k / n,
-            "precision_at_k": k / n,
-            **{f"recall_at_{round(f * 100)}pct": min(1.0, f) for f in RECALL_FRACTIONS},
-        },
-        "strategies": [name for name in names],
-        "baselines": list(BASELINES),
-        "rankings": rankings,
-        "scores_csv": str(csv_path),
-        "seconds": total(),
-        "version": __version__,
-    }
-    result = json_safe(_rounded(result))
+    predicted = _write_scores_csv(run.root / "evaluation_scores.csv", members, data, columns)
+    result = _detection_result(config, session, members, predicted, names, rankings)
+    result["seconds"] = clean_number(total(), 3)
+    result = json_safe(result)
     if session.dist.is_main:
         atomic_write_json(run.root / "evaluation.json", result)
     return result
 
 
-def _rounded(result: dict[str, Any]) -> dict[str, Any]:
-    """Round metric and time values for a readable JSON (metrics: 6 digits; times: ms)."""
-    for entry in result["rankings"].values():
-        for key, value in list(entry.items()):
-            if key in METRIC_KEYS:
-                entry[key] = clean_number(value, 6)
-            elif key.endswith("seconds"):
-                entry[key] = clean_number(value, 3)
-    result["chance"] = {key: clean_number(v, 6) for key, v in result["chance"].items()}
-    result["seconds"] = clean_number(result["seconds"], 3)
-    for key, value in result["model"].items():
-        if isinstance(value, float):
-            result["model"][key] = clean_number(value, 6)
-    return result
+def _self_influence(members: list) -> Any:
+    from influence_cli.pipeline import members_self_influence
+
+    return lambda name, fstates: members_self_influence(members, name, fstates=fstates)[0]
 
 
-def _write_scores_csv(path: Any, ids: list[str], given: np.ndarray, original: np.ndarray, flipped: np.ndarray,
-                      predicted: np.ndarray, columns: dict[str, np.ndarray]) -> None:
+def _strategy_ranking(outcome: Any, flipped: np.ndarray, columns: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A strategy's rankings entry (its self-influence joins ``columns``)."""
+    if outcome.skipped is not None:
+        return {"type": "strategy", "skipped": outcome.skipped}
+    if not np.all(np.isfinite(outcome.value)):
+        return {"type": "strategy", "skipped": "non-finite self-influence (raise influence.damping)"}
+    columns[outcome.name] = outcome.value
+    return {"type": "strategy", **detection_metrics(outcome.value, flipped), **outcome.timings()}
+
+
+def _baselines(members: list, train: Any, flipped: np.ndarray, columns: dict[str, np.ndarray],
+               rankings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The loss and gradient-norm rankings (their columns join ``columns``)."""
+    # Baseline 1: the training loss against the (noisy) given labels (ensemble: the mean).
+    watch = Stopwatch()
+    losses = sum(per_example_loss(m.state.model, train) for m in members) / len(members)
+    out = {"loss": {"type": "baseline", **detection_metrics(losses, flipped), "seconds": watch()}}
+    columns["loss"] = losses
+    # Baseline 2: ‖g_i‖² of the tracked layers = self-influence with the identity strategy.
+    identity = gradient_norm_strategy()
+    if identity in columns:
+        same = rankings[identity]
+        values, metrics, seconds = columns[identity], {key: same[key] for key in METRIC_KEYS}, same["score_seconds"]
+    else:
+        outcome = score_strategy(members, identity, _self_influence(members), Reporter())
+        if outcome.skipped is not None:
+            out["gradient_norm"] = {"type": "baseline", "skipped": outcome.skipped}
+            return out
+        values, metrics, seconds = outcome.value, detection_metrics(outcome.value, flipped), outcome.timings()["seconds"]
+    columns["gradient_norm"] = values
+    out["gradient_norm"] = {"type": "baseline", **metrics, "seconds": seconds, "same_as": identity}
+    return out
+
+
+def _write_scores_csv(path: Any, members: list, data: Any, columns: dict[str, np.ndarray]) -> np.ndarray:
+    """evaluation_scores.csv: every example's labels, flip mask, prediction and scores;
+    returns the (ensemble's) predicted training labels."""
     import pandas as pd
+    from influence_cli.pipeline import members_probs
 
+    predicted = members_probs(members, data.train).argmax(1)
+    ids = data.train.ids
     frame = pd.DataFrame(
         {
             "index": np.arange(len(ids)),
             "id": ids,
-            "label": given,
-            "original_label": original,
-            "flipped": flipped,
+            "label": data.train.labels.numpy(),
+            "original_label": data.noise.original_labels.numpy(),
+            "flipped": data.noise.flipped.numpy().astype(bool),
             "predicted": predicted,
         }
     )
@@ -314,62 +246,49 @@ def _write_scores_csv(path: Any, ids: list[str], given: np.ndarray, original: np
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
     atomic_write_text(path, buffer.getvalue())
+    return predicted
 
 
-# ----------------------------------------------------------------------------- rendering
+def _detection_result(config: Config, session: Any, members: list, predicted: np.ndarray, names: list[str],
+                      rankings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The JSON-ready result (evaluation.json), metrics to 6 digits and times to ms."""
+    from influence_cli.pipeline import members_probs
 
-_COLUMNS = (
-    ("AUROC", "auroc"),
-    ("AP", "average_precision"),
-    ("P@k", "precision_at_k"),
-    ("R@5%", "recall_at_5pct"),
-    ("R@10%", "recall_at_10pct"),
-    ("R@20%", "recall_at_20pct"),
-)
-
-
-def render_detection_table(result: dict[str, Any], console: Any) -> None:
-    """Print the detection result as a rich table (one row per ranking, chance last)."""
-    from rich import box
-    from rich.markup import escape
-    from rich.table import Table
-
-    noise = result["noise"]
-    title = (
-        f"Label-noise detection — {result['config']}: {100 * noise['fraction']:g} % {noise['kind']} noise, "
-        f"{result['flipped']} of {result['examples']} training labels flipped (k = {result['k']})"
-    )
-    table = Table(title=title, box=box.SIMPLE_HEAD, header_style="bold", title_style="bold", pad_edge=False)
-    table.add_column("ranking", no_wrap=True)
-    for header, _key in _COLUMNS:
-        table.add_column(header, justify="right", no_wrap=True)
-    table.add_column("time", justify="right", no_wrap=True)
-    skipped, notes = [], []
-    previous_type = None
-    for name, entry in result["rankings"].items():
-        if previous_type is not None and entry.get("type") != previous_type:
-            table.add_section()
-        previous_type = entry.get("type")
-        if entry.get("same_as"):
-            notes.append(f"{name} = self-influence with {entry['same_as']} (‖g_i‖², P = I)")
-        if "skipped" in entry:
-            skipped.append((name, entry["skipped"]))
-            table.add_row(escape(name), "[yellow]skipped[/]", *["—"] * (len(_COLUMNS) - 1), "—")
-            continue
-        table.add_row(escape(name), *[fmt(entry.get(key)) for _h, key in _COLUMNS], fmt_seconds(entry.get("seconds")))
-    chance = result.get("chance", {})
-    table.add_section()
-    table.add_row("random (chance)", *[fmt(chance.get(key)) for _h, key in _COLUMNS], "", style="dim")
-    console.print(table)
-    model = result.get("model", {})
-    if model:
-        console.print(
-            f"noisy model: test accuracy {fmt(model.get('test_accuracy'))}, "
-            f"memorised {fmt(100 * (model.get('flipped_memorised') or 0), 1)} % of the flipped labels; "
-            f"time = fitting the factors + scoring all {result['examples']} examples",
-            highlight=False,
-        )
-    for note in notes:
-        console.print(escape(note), highlight=False)
-    for name, reason in skipped:
-        console.print(f"[yellow]{escape(name)} skipped:[/] {escape(str(reason))}", highlight=False)
+    data, state, noise = session.data(), members[0].state, session.config.data.label_noise
+    given, original = data.train.labels.numpy(), data.noise.original_labels.numpy()
+    flipped = data.noise.flipped.numpy().astype(bool)
+    n, k = len(flipped), int(flipped.sum())
+    test_predicted = members_probs(members, data.test).argmax(1)
+    model = {
+        "trained_now": state.trained_now,
+        "train_seconds": state.info.get("train_seconds"),
+        "train_accuracy_noisy_labels": float((predicted == given).mean()),
+        "train_accuracy_original_labels": float((predicted == original).mean()),
+        "flipped_memorised": float((predicted[flipped] == given[flipped]).mean()),
+        "test_accuracy": float((test_predicted == data.test.labels.numpy()).mean()),
+    }
+    chance = {
+        "auroc": 0.5,
+        "average_precision": k / n,
+        "precision_at_k": k / n,
+        **{f"recall_at_{round(f * 100)}pct": min(1.0, f) for f in RECALL_FRACTIONS},
+    }
+    return {
+        "evaluation": "noise_detection",
+        "config": config.name,
+        "run": session.config.name,
+        "run_dir": str(session.run.root),
+        "noise": {"fraction": float(noise.fraction), "kind": noise.kind, "seed": int(noise.seed)},
+        "examples": n,
+        "flipped": k,
+        "k": k,
+        "ensemble": len(members),
+        "model": {key: clean_number(v, 6) if isinstance(v, float) else v for key, v in model.items()},
+        "chance": {key: clean_number(v, 6) for key, v in chance.items()},
+        "strategies": list(names),
+        "baselines": list(BASELINES),
+        "rankings": {name: rounded_entry(entry, METRIC_KEYS) for name, entry in rankings.items()},
+        "scores_csv": str(session.run.root / "evaluation_scores.csv"),
+        "seconds": None,
+        "version": __version__,
+    }

@@ -12,7 +12,9 @@ from rich.console import Console
 from influence_cli.config import config_from_dict
 from influence_cli.errors import InflError
 from influence_cli.evaluation import lds as lds_module
-from influence_cli.evaluation.lds import evaluate_lds, lds_per_row, render_lds_table, subset_indices
+from influence_cli.evaluation import retraining as retraining_module
+from influence_cli.evaluation.lds import evaluate_lds, lds_per_row, subset_indices
+from influence_cli.render.evaluation import render_lds_table
 
 
 def logistic_config(tmp_path, name="tiny-lds", epochs=200):
@@ -86,7 +88,7 @@ def test_lds_is_positive_for_a_logistic_model_and_the_sign_matters(tmp_path, mon
 def test_retraining_resumes_and_reuses_finished_subsets(tmp_path, monkeypatch):
     config = logistic_config(tmp_path, name="resume", epochs=20)
     calls = []
-    real_train = lds_module.train_model
+    real_train = retraining_module.train_model
 
     def counting(model, train_set, cfg, **kwargs):
         calls.append(len(train_set))
@@ -95,7 +97,7 @@ def test_retraining_resumes_and_reuses_finished_subsets(tmp_path, monkeypatch):
         return real_train(model, train_set, cfg, **kwargs)
 
     interrupt = {"after": 2}
-    monkeypatch.setattr(lds_module, "train_model", counting)
+    monkeypatch.setattr(retraining_module, "train_model", counting)
     kwargs = dict(fraction=0.5, test_rows=10, strategies=["identity"])
     with pytest.raises(KeyboardInterrupt):
         evaluate_lds(config, subsets=4, **kwargs)
