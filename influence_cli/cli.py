@@ -1,4 +1,4 @@
-"""The `infl` command line: parse options, call one pipeline function, render the result.
+"""The `infl` command line: parse options, call one app stage, render the result.
 
 No numerical code lives here. Machine output (CSV) goes to files or stdout; tables,
 progress and summaries go to stderr. Exit codes: 0 success, 1 a check failed its
@@ -153,7 +153,7 @@ def open_session(config: Optional[str], overrides: Optional[List[str]]) -> Any:
     """Load the config; under torchrun join the process group (rank 0 alone prints)."""
     from influence_cli.config import load_config
     from influence_cli.distributed import init_from_env
-    from influence_cli.pipeline import Session
+    from influence_cli.app import Session
     from influence_cli.progress import Reporter, RichReporter
 
     cfg = load_config(config, overrides or [])
@@ -216,7 +216,7 @@ def train(
     retrain: bool = typer.Option(False, "--retrain", help="Train again even if a valid checkpoint exists."),
 ) -> None:
     """Train the model (or verify the stored/user checkpoint) and print its accuracy."""
-    from influence_cli.pipeline import ensure_model
+    from influence_cli.app import ensure_model
 
     session = open_session(config, set_)
     start = time.perf_counter()
@@ -242,7 +242,7 @@ def fit_factors_command(
     With --shard i/n: pass-1 sums of block i (ekfac: after `infl merge`, the same command
     again runs pass 2 in the merged bases).
     """
-    from influence_cli.pipeline import ensure_factors, ensure_model
+    from influence_cli.app import ensure_factors, ensure_model
 
     session = open_session(config, set_)
     strategy = check_strategy(strategy) or session.config.influence.strategy
@@ -288,7 +288,7 @@ def self_influence_command(
     (flagged rows) and summary.json, and prints the top rows. Self-influence is
     g_iᵀ(H + λI)⁻¹g_i ≥ 0: how much the model had to bend to fit example i.
     """
-    from influence_cli.pipeline import run_self_influence
+    from influence_cli.app import run_self_influence
     from influence_cli.render.files import write_csv
     from influence_cli.render.tables import render_class_summary, render_self_influence_table
     from influence_cli.run import check_output_file
@@ -356,7 +356,7 @@ def score(
     score(train i, test t) = g_tᵀ(H + λI)⁻¹g_i; positive = proponent. Rows without a label are
     measured against the model's prediction.
     """
-    from influence_cli.pipeline import run_score
+    from influence_cli.app import run_score
     from influence_cli.render.tables import render_score_table
     from influence_cli.run import check_output_file
 
@@ -428,7 +428,7 @@ def check(
     Flagged examples follow audit.flag (see README). With --baseline only new suspects count.
     Appends a Markdown summary to $GITHUB_STEP_SUMMARY when that is set.
     """
-    from influence_cli.pipeline import run_check
+    from influence_cli.app import run_check
     from influence_cli.render.ci import render_check, write_baseline as write_baseline_csv, write_ci_outputs
 
     session = open_session(config, set_)
@@ -462,7 +462,7 @@ def report(
     strategy: Optional[str] = typer.Option(None, "--strategy", "-s", help=STRATEGY_HELP),
 ) -> None:
     """Write runs/<name>/report.html: a self-contained gallery of the top suspects."""
-    from influence_cli.pipeline import run_report
+    from influence_cli.app import run_report
 
     session = open_session(config, set_)
     path, si = run_report(session, strategy=check_strategy(strategy), top=top)

@@ -150,7 +150,7 @@ def want_meta(session: Any, state: Any, strategy: str) -> dict[str, Any]:
 def self_influence_shard(session: Any, index: int, count: int, strategy: Optional[str] = None) -> Path:
     """``infl self-influence --shard i/n``: needs valid stored factors."""
     refuse_ensemble(session)
-    from influence_cli.pipeline import ensure_model, existing_factors, self_influence_scores, shard_bounds
+    from influence_cli.app import ensure_model, existing_factors, self_influence_scores, shard_bounds
 
     strategy = strategy or session.config.influence.strategy
     state = ensure_model(session)
@@ -169,7 +169,7 @@ def score_shard(
     """``infl score TEST.csv --shard i/n``: the block's top-k per test row."""
     refuse_ensemble(session)
     from influence_cli.data.queries import read_query_rows
-    from influence_cli.pipeline import ensure_model, existing_factors, pairwise_block, shard_bounds
+    from influence_cli.app import ensure_model, existing_factors, pairwise_block, shard_bounds
 
     strategy = strategy or session.config.influence.strategy
     data = session.data()
@@ -231,7 +231,7 @@ def fit_factors_shard(session: Any, index: int, count: int, strategy: Optional[s
     """
     refuse_ensemble(session)
     from influence_cli.engine import STRATEGIES, covariance_sums, eigenvalue_sums
-    from influence_cli.pipeline import ensure_model, influence_device, shard_bounds, train_loader, with_batch_backoff
+    from influence_cli.app import ensure_model, influence_device, shard_bounds, train_loader, with_batch_backoff
 
     config = session.config
     strategy = strategy or config.influence.strategy
@@ -301,7 +301,7 @@ def shard_stages(session: Any) -> list[str]:
 def merge_stage(session: Any, stage: str) -> dict[str, Any]:
     """Combine one stage's shards into the normal outputs; returns what was done."""
     refuse_ensemble(session)
-    from influence_cli.pipeline import ensure_model
+    from influence_cli.app import ensure_model
 
     state = ensure_model(session)
     n = len(session.data().train)
@@ -316,14 +316,14 @@ def merge_stage(session: Any, stage: str) -> dict[str, Any]:
 
 
 def _merge_self_influence(session: Any, state: Any, strategy: str, n: int) -> dict[str, Any]:
-    from influence_cli.pipeline import Member, existing_factors, finish_self_influence
+    from influence_cli.app import Member, existing_factors, finish_self_influence
 
     start = time.perf_counter()
     directory = session.run.shard_dir(f"self-influence-{strategy}")
     shards = read_shards(directory, want_meta(session, state, strategy), n, command="self-influence")
     scores = torch.cat([t["self_influence"] for _m, t in shards])
     factors = existing_factors(session, state, strategy, "merge")
-    from influence_cli.pipeline import FactorsState
+    from influence_cli.app import FactorsState
 
     fstate = FactorsState(factors, True, 0.0, session.run.factors_dir(strategy))
     result = finish_self_influence(session, scores.double().numpy(), [Member(session, state)], [fstate], strategy, start)
@@ -335,7 +335,7 @@ def _merge_score(session: Any, state: Any, stage: str, n: int) -> dict[str, Any]
     from influence_cli.render.files import write_csv
     from influence_cli.data.queries import read_query_rows
     from influence_cli.engine import TopInfluences
-    from influence_cli.pipeline import _score_rows, merge_top
+    from influence_cli.app import score_rows, merge_top
 
     directory = session.run.shard_dir(stage)
     metas = sorted(directory.glob("*-of-*.json")) if directory.is_dir() else []
@@ -358,7 +358,7 @@ def _merge_score(session: Any, state: Any, stage: str, n: int) -> dict[str, Any]
     queries = read_query_rows(csv_path, session.config, data)
     with torch.no_grad():
         predicted = state.model(queries.inputs).argmax(1).numpy()
-    table = _score_rows(
+    table = score_rows(
         queries, predicted, merged.proponent_scores.double().numpy(), merged.proponent_indices.numpy(),
         merged.opponent_scores.double().numpy(), merged.opponent_indices.numpy(), data.train, list(data.class_names),
     )
@@ -372,7 +372,7 @@ def _merge_factors(session: Any, state: Any, strategy: str, n: int) -> dict[str,
     from safetensors.torch import save_file
 
     from influence_cli.engine import STRATEGIES, CovarianceSums, bases_from_covariances, factors_from_sums
-    from influence_cli.pipeline import influence_dtype
+    from influence_cli.app import influence_dtype
 
     config = session.config
     spec = STRATEGIES.get(strategy)

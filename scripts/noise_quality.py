@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from influence_cli.config import load_config
-from influence_cli.pipeline import Session, run_self_influence
+from influence_cli.app import Session, run_self_influence
 from influence_cli.progress import Reporter
 
 parser = argparse.ArgumentParser()

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from influence_cli.cli import app
 from influence_cli.config import load_config
 from influence_cli.engine import ExactSolver, load_factors
-from influence_cli.pipeline import Session, ensure_model
+from influence_cli.app import Session, ensure_model
 from influence_cli.progress import Reporter
 
 CONFIG = {

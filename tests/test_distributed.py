@@ -206,7 +206,7 @@ def test_shards_and_merge_equal_the_single_run_and_refuse_missing_or_stale(singl
 def test_out_of_memory_halves_the_batch_and_retries(single, monkeypatch):
     from influence_cli.config import load_config
     from influence_cli.engine import scoring as scores_module
-    from influence_cli.pipeline import Session, run_self_influence
+    from influence_cli.app import Session, run_self_influence
     from influence_cli.progress import Reporter
 
     class Recorder(Reporter):

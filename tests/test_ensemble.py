@@ -21,7 +21,7 @@ from influence_cli.errors import ConfigError, InflError
 from influence_cli.engine import fit_factors, pairwise_scores, self_influence
 from influence_cli.loaders import BatchLoader
 from influence_cli.models import build_model, save_checkpoint
-from influence_cli.pipeline import Session, ensemble_sessions, run_score, run_self_influence
+from influence_cli.app import Session, ensemble_sessions, run_score, run_self_influence
 from influence_cli.progress import Reporter
 from influence_cli.training import predict_probs, train_model
 

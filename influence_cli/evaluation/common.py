@@ -45,7 +45,7 @@ def timed_factors(session: Any, state: Any, strategy: str) -> TimedFactors:
     Stale factors are refitted, as in every audit command.
     """
     from influence_cli.engine import read_meta
-    from influence_cli.pipeline import ensure_factors
+    from influence_cli.app import ensure_factors
 
     fstate = ensure_factors(session, state, strategy, refit_stale=True)
     if not fstate.reused:

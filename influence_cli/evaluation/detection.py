@@ -120,7 +120,7 @@ def per_example_loss(model: torch.nn.Module, dataset: Any, batch_size: int = 512
 
 def _noisy_session(config: Config, fraction: float, kind: str, reporter: Reporter) -> Any:
     """The checked arguments' session on the noisy run (the labels flipped, some kept)."""
-    from influence_cli.pipeline import Session
+    from influence_cli.app import Session
 
     if not 0.0 < float(fraction) < 1.0:
         raise InflError(f"evaluate --noise: {fraction} is not a fraction in (0, 1); use e.g. --noise 0.1")
@@ -158,7 +158,7 @@ def evaluate_noise_detection(
     recorded as ``{"skipped": reason}`` and the others go on.
     Returns the JSON-serialisable result that is also written to evaluation.json.
     """
-    from influence_cli.pipeline import ensure_members
+    from influence_cli.app import ensure_members
 
     names = resolve_strategies(strategies)
     reporter = reporter or Reporter()
@@ -184,7 +184,7 @@ def evaluate_noise_detection(
 
 
 def _self_influence(members: list) -> Any:
-    from influence_cli.pipeline import members_self_influence
+    from influence_cli.app import members_self_influence
 
     return lambda name, fstates: members_self_influence(members, name, fstates=fstates)[0]
 
@@ -227,7 +227,7 @@ def _write_scores_csv(path: Any, members: list, data: Any, columns: dict[str, np
     """evaluation_scores.csv: every example's labels, flip mask, prediction and scores;
     returns the (ensemble's) predicted training labels."""
     import pandas as pd
-    from influence_cli.pipeline import members_probs
+    from influence_cli.app import members_probs
 
     predicted = members_probs(members, data.train).argmax(1)
     ids = data.train.ids
@@ -252,7 +252,7 @@ def _write_scores_csv(path: Any, members: list, data: Any, columns: dict[str, np
 def _detection_result(config: Config, session: Any, members: list, predicted: np.ndarray, names: list[str],
                       rankings: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The JSON-ready result (evaluation.json), metrics to 6 digits and times to ms."""
-    from influence_cli.pipeline import members_probs
+    from influence_cli.app import members_probs
 
     data, state, noise = session.data(), members[0].state, session.config.data.label_noise
     given, original = data.train.labels.numpy(), data.noise.original_labels.numpy()

@@ -144,7 +144,7 @@ def evaluate_lds(
     A strategy that raises an InflError/InfluenceError (other than stale stored factors,
     which need ``--overwrite`` like everywhere else) is recorded as ``{"skipped": reason}``.
     """
-    from influence_cli.pipeline import Session, ensure_members, members_pairwise
+    from influence_cli.app import Session, ensure_members, members_pairwise
 
     _check_arguments(subsets, fraction, seeds, test_rows, measurement)
     names = resolve_strategies(strategies)

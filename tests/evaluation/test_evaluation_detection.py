@@ -18,7 +18,7 @@ from influence_cli.errors import InfluenceError
 from influence_cli.evaluation import common
 from influence_cli.evaluation.detection import METRIC_KEYS, evaluate_noise_detection, noisy_config
 from influence_cli.engine import STRATEGIES, BlockStrategy, Strategy
-from influence_cli.pipeline import Session, ensure_model
+from influence_cli.app import Session, ensure_model
 from influence_cli.progress import Reporter
 from influence_cli.render.evaluation import render_detection_table
 
