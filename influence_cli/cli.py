@@ -249,7 +249,7 @@ def fit_factors_command(
     check_strategy(strategy)
     shard_ = parse_shard_option(shard)
     if shard_ is not None:
-        from influence_cli.shards import fit_factors_shard
+        from influence_cli.app.shards import fit_factors_shard
 
         which, path = fit_factors_shard(session, *shard_, strategy=strategy)
         err.print(f"fit-factors shard {shard}: {which} sums → {escape(str(path))}; when every shard is done run `infl merge`", highlight=False)
@@ -298,7 +298,7 @@ def self_influence_command(
     session = open_session(config, set_)
     shard_ = parse_shard_option(shard)
     if shard_ is not None:
-        from influence_cli.shards import self_influence_shard
+        from influence_cli.app.shards import self_influence_shard
 
         path = self_influence_shard(session, *shard_, strategy=check_strategy(strategy))
         err.print(f"self-influence shard {shard} → {escape(str(path))}; when every shard is done run `infl merge`", highlight=False)
@@ -368,7 +368,7 @@ def score(
     session = open_session(config, set_)
     shard_ = parse_shard_option(shard)
     if shard_ is not None:
-        from influence_cli.shards import score_shard
+        from influence_cli.app.shards import score_shard
 
         if matrix is not None:
             raise InflError("--matrix cannot be combined with --shard (shards keep the top N only)")
@@ -540,7 +540,7 @@ def merge(
     Refuses (exit 2, one line) when a shard is missing, was made for another config or
     checkpoint, or the shards do not cover the training set exactly once.
     """
-    from influence_cli.shards import merge_stage, shard_stages
+    from influence_cli.app.merge import merge_stage, shard_stages
 
     session = open_session(config, set_)
     stages = list(stage or shard_stages(session))
