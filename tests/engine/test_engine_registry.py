@@ -12,7 +12,8 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from influence_cli.cli import STRATEGY_HELP, app
+from influence_cli.cli import app
+from influence_cli.commands.common import STRATEGY_HELP
 from influence_cli.config import load_config
 from influence_cli.errors import ConfigError
 from influence_cli.engine import (

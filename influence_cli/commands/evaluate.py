@@ -1,0 +1,63 @@
+"""`infl evaluate`: how far to trust the rankings (injected-noise detection and LDS)."""
+
+from __future__ import annotations
+
+import time
+from typing import List, Optional
+
+import typer
+
+from influence_cli.commands import command
+from influence_cli.commands.common import (
+    SLOW_STRATEGIES, ConfigOption, SetOption, check_choice, check_strategy, open_session,
+)
+from influence_cli.terminal import err
+
+
+@command("evaluate")
+def evaluate(
+    config: Optional[str] = ConfigOption,
+    set_: Optional[List[str]] = SetOption,
+    noise: Optional[float] = typer.Option(
+        None, "--noise", min=0.0, max=1.0,
+        help="Flip this share of training labels (seeded), retrain, and measure how well each ranking finds them "
+        "(AUROC, average precision, precision@k, recall in the top 5/10/20 %). Default 0.1 when --lds is not given.",
+    ),
+    kind: str = typer.Option("uniform", "--kind", help="Label noise: uniform (random other class) or class_conditional (a fixed confusion)."),
+    lds: bool = typer.Option(False, "--lds", help="Linear datamodeling score: retrain on random subsets and correlate with predicted effects."),
+    subsets: int = typer.Option(100, "--subsets", min=2, help="LDS: number of random training subsets (each retraining is cached)."),
+    fraction: float = typer.Option(0.5, "--fraction", min=0.01, max=0.99, help="LDS: share of the training set in each subset."),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="LDS: retrainings per subset (averaged)."),
+    test_rows: int = typer.Option(100, "--test-rows", min=1, help="LDS: the first N rows of the test split."),
+    measurement: str = typer.Option("loss", "--measurement", "-m", help="LDS: loss or margin."),
+    strategies: Optional[List[str]] = typer.Option(
+        None, "--strategy", "-s", metavar="NAME",
+        help=f"Strategy to evaluate (repeatable; default: every registered strategy not marked slow; slow, so only when named: {SLOW_STRATEGIES}).",
+    ),
+) -> None:
+    """Check how far to trust the rankings on your own data: injected-noise detection and LDS.
+
+    Writes runs/<name>-noise<F>-<kind>/evaluation.json and runs/<name>/lds.json. Every
+    strategy is evaluated unless -s is given (those the registry marks slow only when named); add
+    --set influence.ensemble=3 to evaluate 3-model ensembles.
+    """
+    from influence_cli.evaluation import run_evaluate
+    from influence_cli.render.evaluation import render_evaluation
+
+    check_choice("--kind", kind, ("uniform", "class_conditional"))
+    check_choice("--measurement", measurement, ("loss", "margin"))
+    for name in strategies or []:
+        check_strategy(name)
+    session = open_session(config, set_)
+    start = time.perf_counter()
+    settings = dict(noise=noise, noise_kind=kind, lds=lds, subsets=subsets, fraction=fraction, seeds=seeds)
+    run_evaluate(
+        session.config,
+        **settings,
+        test_rows=test_rows,
+        measurement=measurement,
+        strategies=strategies,
+        reporter=session.reporter,
+        on_result=lambda part, result: render_evaluation(part, result, err),
+    )
+    err.print(f"evaluation finished in {time.perf_counter() - start:.1f} s", highlight=False)
