@@ -21,6 +21,7 @@ from influence_cli.engine.operators import LayerFactors
 from influence_cli.engine.storage import (
     FORMAT_VERSION,
     atomic_save,
+    inconsistent_factors,
     merge_extra_meta,
     package_version,
     read_meta,
@@ -134,9 +135,7 @@ class Factors:
                 meta=meta,
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise FactorsError(
-                f"factors at {directory} are incomplete or inconsistent ({exc}); re-run fit-factors"
-            ) from None
+            raise inconsistent_factors(directory, exc) from None
         if not layers:
             raise FactorsError(f"factors at {directory} track no module; re-run fit-factors")
         return factors

@@ -26,6 +26,7 @@ __all__ = [
     "read_meta",
     "read_stored",
     "merge_extra_meta",
+    "inconsistent_factors",
     "package_version",
     "file_sha256",
     "meta_digest",
@@ -99,6 +100,11 @@ def read_stored(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     except Exception as exc:  # safetensors raises its own error types
         raise FactorsError(f"corrupt factors file {path}: {exc}; re-run fit-factors") from None
     return meta, tensors
+
+
+def inconsistent_factors(directory: str | os.PathLike, exc: BaseException) -> FactorsError:
+    """The one-line error for a stored directory whose files load but do not fit together."""
+    return FactorsError(f"factors at {directory} are incomplete or inconsistent ({exc}); re-run fit-factors")
 
 
 def merge_extra_meta(meta: dict[str, Any], extra_meta: dict[str, Any] | None) -> dict[str, Any]:

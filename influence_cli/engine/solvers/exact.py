@@ -32,9 +32,9 @@ from influence_cli.engine.flat import (
     solver_meta,
 )
 from influence_cli.engine.kernels import accumulate_gram, mirror_upper
-from influence_cli.engine.storage import atomic_save, merge_extra_meta
+from influence_cli.engine.storage import atomic_save, inconsistent_factors, merge_extra_meta
 from influence_cli.engine.tracked import check_tracked, eval_mode, to_weight_order, tracked_modules
-from influence_cli.errors import FactorsError, InfluenceError
+from influence_cli.errors import InfluenceError
 
 __all__ = ["ExactSolver", "fit_exact"]
 
@@ -157,9 +157,7 @@ class ExactSolver:
                 meta=meta,
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise FactorsError(
-                f"factors at {directory} are incomplete or inconsistent ({exc}); re-run fit-factors"
-            ) from None
+            raise inconsistent_factors(directory, exc) from None
 
 
 def _refuse_large(p: int, max_params: int) -> None:

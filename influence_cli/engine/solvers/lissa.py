@@ -30,9 +30,9 @@ from influence_cli.engine.flat import (
     read_solver,
     solver_meta,
 )
-from influence_cli.engine.storage import atomic_save, merge_extra_meta
+from influence_cli.engine.storage import atomic_save, inconsistent_factors, merge_extra_meta
 from influence_cli.engine.tracked import check_tracked, eval_mode, tracked_modules
-from influence_cli.errors import FactorsError, InfluenceError
+from influence_cli.errors import InfluenceError
 
 __all__ = ["LissaSolver", "LissaDivergenceError", "fit_lissa", "LISSA_SCALE_MARGIN"]
 
@@ -274,9 +274,7 @@ class LissaSolver:
                 meta=meta,
             )
         except (KeyError, TypeError, ValueError, InfluenceError) as exc:
-            raise FactorsError(
-                f"factors at {directory} are incomplete or inconsistent ({exc}); re-run fit-factors"
-            ) from None
+            raise inconsistent_factors(directory, exc) from None
 
 
 def fit_lissa(
