@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from influence_cli.app.model import ensure_members
-from influence_cli.app.scores import TensorRows, members_pairwise, members_probs
+from influence_cli.app.scores import members_pairwise, predict_queries
 from influence_cli.app.session import ModelState, Session
 from influence_cli.errors import InflError
 
@@ -96,7 +96,7 @@ def run_score(
     queries = read_query_rows(csv_path, config, data)
     members = ensure_members(session)
     state = members[0].state
-    predicted = members_probs(members, TensorRows(queries.inputs)).argmax(1)
+    predicted = predict_queries(members, queries.inputs)
     measured = np.where(queries.labels.numpy() >= 0, queries.labels.numpy(), predicted)
     k = min(top, len(data.train))
     result = members_pairwise(

@@ -72,7 +72,7 @@ def _merge_self_influence(session: Any, state: Any, strategy: str, n: int) -> di
 
 
 def _merge_score(session: Any, state: Any, stage: str, n: int) -> dict[str, Any]:
-    from influence_cli.app import merge_top, score_rows
+    from influence_cli.app import Member, merge_top, predict_queries, score_rows
     from influence_cli.data.queries import read_query_rows
     from influence_cli.engine import TopInfluences
     from influence_cli.render.files import write_csv
@@ -96,8 +96,7 @@ def _merge_score(session: Any, state: Any, stage: str, n: int) -> dict[str, Any]
     data = session.data()
     csv_path = Path(meta["test_csv"])
     queries = read_query_rows(csv_path, session.config, data)
-    with torch.no_grad():
-        predicted = state.model(queries.inputs).argmax(1).numpy()
+    predicted = predict_queries([Member(session, state)], queries.inputs)
     table = score_rows(
         queries, predicted, merged.proponent_scores.double().numpy(), merged.proponent_indices.numpy(),
         merged.opponent_scores.double().numpy(), merged.opponent_indices.numpy(), data.train, list(data.class_names),

@@ -144,6 +144,12 @@ class TensorRows:
         return self.inputs[i], self.labels[i], i
 
 
+def predict_queries(members: list[Member], inputs: torch.Tensor) -> np.ndarray:
+    """The predicted class of each query row (ensemble-averaged probabilities): the one
+    prediction rule of `infl score`, its --shard jobs and `infl merge`."""
+    return members_probs(members, TensorRows(inputs)).argmax(1)
+
+
 def run_self_influence(session: Session, strategy: Optional[str] = None) -> SelfInfluenceResult:
     """Self-influence of every training example, ranked and flagged; writes the CSVs
     (rank 0 only under torchrun).

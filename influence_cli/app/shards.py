@@ -49,6 +49,8 @@ def score_shard(
     """``infl score TEST.csv --shard i/n``: the block's top-k per test row."""
     refuse_ensemble(session)
     from influence_cli.app import (
+        Member,
+        predict_queries,
         ensure_model,
         existing_factors,
         pairwise_block,
@@ -61,8 +63,7 @@ def score_shard(
     queries = read_query_rows(Path(csv_path), session.config, data)
     state = ensure_model(session)
     factors = existing_factors(session, state, strategy, "score")
-    with torch.no_grad():
-        predicted = state.model(queries.inputs).argmax(1)
+    predicted = torch.as_tensor(predict_queries([Member(session, state)], queries.inputs))
     labels = queries.labels
     measured = torch.where(labels >= 0, labels, predicted)
     k = min(top, len(data.train))
