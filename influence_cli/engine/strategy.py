@@ -15,6 +15,7 @@ fitting and loading import the numerical modules when they run.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ class FitRequest:
     amp: str | None = None
 
 
-class Strategy:
+class Strategy(abc.ABC):
     """Base class of every strategy. Subclasses set the class attributes and implement
     :meth:`fit` and :meth:`load`; a subclass with a ``name`` registers itself (pass
     ``register=False`` in the class statement to keep it out of the registry).
@@ -110,17 +111,19 @@ class Strategy:
             raise InfluenceError(f"{cls.name}: {exc}") from None
 
     # ------------------------------------------------------------------ hooks
+    # Required hooks are abstract; register_strategy refuses a class that leaves one
+    # unimplemented, so a broken strategy fails when it is defined, not mid-fit.
+    @abc.abstractmethod
     def fit(self, request: FitRequest) -> Any:
         """Fit on ``request.loader`` and return the preconditioner (an object with
         ``strategy``, ``save(directory, extra_meta)``, ``check_model(model)`` and
         ``bind(model, device, loader=, on_batch=)`` → a bound preconditioner that the
         scoring loop drives; see ``engine.scoring.BoundPreconditioner``)."""
-        raise NotImplementedError(f"strategy {self.name!r} does not implement fit")
 
     @classmethod
+    @abc.abstractmethod
     def load(cls, directory: Any) -> Any:
         """The preconditioner stored in ``directory`` by its ``save``."""
-        raise NotImplementedError(f"strategy {cls.name!r} does not implement load")
 
     @classmethod
     def stored_options(cls, values: dict[str, Any]) -> dict[str, Any]:
@@ -149,10 +152,10 @@ class BlockStrategy(Strategy, register=False):
     data_parallel = True
     fixed_damping: ClassVar[float | None] = None  # overrides the damping rule (identity: 1)
 
+    @abc.abstractmethod
     def fit_layers(self, ctx: Any) -> tuple[dict[str, tuple[Any, Any, Any]], int]:
         """({layer: (Q_S, Q_A, Λ)} with float64 Λ (d_out, d_in), examples seen) from a
         ``engine.fitting.FitContext``."""
-        raise NotImplementedError
 
     def from_sums(self, ctx: Any, sums: Any) -> tuple[dict[str, tuple[Any, Any, Any]], int]:
         """The same from merged ``--shard`` sums (``engine.blockfit.MergedSums``)."""
@@ -186,8 +189,22 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
         raise ValueError(f"strategy {cls.name!r}: default_damping_factor must be a positive number")
     if cls.options_type is not None and not dataclasses.is_dataclass(cls.options_type):
         raise ValueError(f"strategy {cls.name!r}: options_type must be a dataclass")
+    missing = sorted(_unimplemented_hooks(cls))
+    if missing:
+        raise ValueError(f"strategy {cls.name!r} does not implement {', '.join(missing)}")
     STRATEGIES[cls.name] = cls
     return cls
+
+
+def _unimplemented_hooks(cls: type) -> set[str]:
+    """Abstract methods still abstract on ``cls``. (ABCMeta fills ``__abstractmethods__``
+    only after ``__init_subclass__`` has run, so registration looks them up itself.)"""
+    names = {n for klass in cls.__mro__ for n, v in vars(klass).items() if getattr(v, "__isabstractmethod__", False)}
+    return {n for n in names if getattr(_defining(cls, n), "__isabstractmethod__", False)}
+
+
+def _defining(cls: type, name: str) -> Any:
+    return next(vars(klass)[name] for klass in cls.__mro__ if name in vars(klass))
 
 
 def unregister_strategy(name: str) -> None:

@@ -130,3 +130,21 @@ def test_scores_a_tiny_model(name):
         assert bool((scores >= 0).all())
     pair = pairwise_scores(model, factors, loader, x[:3], y[:3])
     assert pair.shape == (3, 16) and bool(torch.isfinite(pair).all())
+
+
+def test_a_strategy_without_its_required_hooks_is_refused_when_defined():
+    from influence_cli.engine import STRATEGIES, BlockStrategy, Strategy
+
+    with pytest.raises(ValueError, match="'half_block' does not implement fit_layers"):
+
+        class HalfBlock(BlockStrategy):
+            name = "half_block"
+            description = "a block strategy that forgot fit_layers"
+
+    with pytest.raises(ValueError, match="'no_hooks' does not implement fit, load"):
+
+        class NoHooks(Strategy):
+            name = "no_hooks"
+            description = "a strategy with neither fit nor load"
+
+    assert "half_block" not in STRATEGIES and "no_hooks" not in STRATEGIES
