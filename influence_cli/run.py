@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from influence_cli.config import Config
+from influence_cli.config import PATH_KEYS, Config
 from influence_cli.errors import OutputError, output_error
 
 
@@ -42,7 +42,7 @@ def hash_file(path: Path) -> str:
 # Where the data and the code live is not what they are: the content fingerprint covers
 # the data, so a checkout in another folder (a CI runner) or a replayed config with
 # resolved paths reuses the same cache.
-_LOCATION_KEYS = {"data": ("root", "download", "path", "train_path", "test_path", "cache"), "model": ("factory_path", "checkpoint")}
+_LOCATION_KEYS = {"data": (*PATH_KEYS["data"], "download", "cache"), "model": PATH_KEYS["model"]}
 
 
 def _hashed_sections(config: Config) -> dict[str, Any]:

@@ -8,6 +8,7 @@ keys are rejected, so a typo in a config fails loudly instead of being silently 
 from __future__ import annotations
 
 from influence_cli.config.schema import (  # noqa: F401
+    PATH_KEYS,
     DEFAULT_CONFIG,
     MAX_SEED,
     _not_bool,

@@ -357,6 +357,12 @@ class OutputConfig(_Strict):
     dir: str = Field("runs", description="parent folder of run directories; a run lives in <dir>/<name>")
 
 
+#: Config keys that name where files are (resolved against the config's folder), not what they hold.
+PATH_KEYS: dict[str, tuple[str, ...]] = {
+    "data": ("root", "path", "train_path", "test_path"), "model": ("checkpoint", "factory_path"),
+}
+
+
 class Config(_Strict):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     seed: Seed = 0
@@ -397,18 +403,23 @@ class Config(_Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
-    def to_replay_yaml(self) -> str:
-        """The config as YAML with every relative path made absolute, so the copy saved in a
-        run folder replays from anywhere (``infl self-influence -c runs/<name>/config.yaml``)."""
+    def resolved_dump(self) -> dict[str, Any]:
+        """The config as plain data with every path made absolute (data and model paths,
+        the checkpoint list, output.dir): what a copy saved in a run folder needs to replay
+        from anywhere, and what the decoded-data cache keys on."""
         dumped = self.model_dump(mode="json")
-        for section, keys in (("data", ("root", "path", "train_path", "test_path")), ("model", ("checkpoint", "factory_path"))):
+        for section, keys in PATH_KEYS.items():
             for key in keys:
                 if dumped[section].get(key):
                     dumped[section][key] = str(self.resolve_path(dumped[section][key]).resolve())
         if isinstance(dumped["influence"]["ensemble"], list):
             dumped["influence"]["ensemble"] = [str(self.resolve_path(p).resolve()) for p in dumped["influence"]["ensemble"]]
         dumped["output"]["dir"] = str(Path(dumped["output"]["dir"]).expanduser().resolve())
-        return yaml.safe_dump(dumped, sort_keys=False)
+        return dumped
+
+    def to_replay_yaml(self) -> str:
+        """YAML of :meth:`resolved_dump` (``infl self-influence -c runs/<name>/config.yaml``)."""
+        return yaml.safe_dump(self.resolved_dump(), sort_keys=False)
 
 
 def _check_device(value: str) -> str:

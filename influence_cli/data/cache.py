@@ -31,18 +31,13 @@ import numpy as np
 import torch
 
 from influence_cli.config import Config
+from influence_cli.run import hash_file
 
 from .dataset import Datasets, ExampleSet, LabelNoise
 from .fingerprint import fingerprint_split
 
 CACHE_FORMAT = 1
 CACHED_SOURCES = ("digits", "table", "image_folder", "csv_manifest")
-
-
-def _file_sha(path: Path) -> str:
-    from influence_cli.run import hash_file
-
-    return hash_file(path)
 
 
 def _code_hash() -> str:
@@ -113,10 +108,7 @@ def _stat(path: Path) -> Optional[list[int]]:
 
 
 def cache_key(config: Config) -> str:
-    dumped = config.model_dump(mode="json")["data"]
-    for key in ("root", "path", "train_path", "test_path"):
-        if dumped.get(key):
-            dumped[key] = str(config.resolve_path(dumped[key]).resolve())
+    dumped = config.resolved_dump()["data"]
     blob = json.dumps({"format": CACHE_FORMAT, "data": dumped, "seed": config.seed, "code": _code_hash()},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -131,7 +123,7 @@ def files_unchanged(stored: dict[str, Any], files: list[Path]) -> bool:
         now = _stat(file)
         if now is None:
             return False
-        if now != [size, mtime] and (now[0] != size or _file_sha(file) != sha):
+        if now != [size, mtime] and (now[0] != size or hash_file(file) != sha):
             return False
     return True
 
@@ -254,7 +246,7 @@ def load_datasets(config: Config, cache_dir: Optional[Path], build: Callable[[Co
                 return data
     # Record the files' state before decoding them, and write the cache only when nothing
     # changed meanwhile: a cache must never pair old tensors with a newer file state.
-    before = {str(f): [*(_stat(f) or [0, 0]), _file_sha(f)] for f in files if f.is_file()} if write else {}
+    before = {str(f): [*(_stat(f) or [0, 0]), hash_file(f)] for f in files if f.is_file()} if write else {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         data = build(config)
