@@ -66,6 +66,13 @@ def _cnn32() -> nn.Module:
     )
 
 
+def _resnet18() -> nn.Module:
+    """torchvision's ResNet-18 with a 10-class head (11.2 M weights; BatchNorm untracked)."""
+    from torchvision.models import resnet18
+
+    return resnet18(num_classes=10)
+
+
 def _teacher_labels(features: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Labels from a random linear teacher plus noise: learnable but not trivial."""
     w = torch.randn(features.shape[1], 10, generator=gen)
@@ -87,10 +94,22 @@ def _cnn32_data():
     return x[:5_000], y[:5_000], x[5_000:], y[5_000:]
 
 
+def _resnet18_data():
+    """2,000 generated 3×32×32 images (no download) and 10 test rows: the per-row test
+    side of ResNet-18 is 11.2 M weights, so a few rows already fill a 128 Mi group."""
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(2_010, 3, 32, 32, generator=gen)
+    y = _teacher_labels(F.avg_pool2d(x, 8).flatten(1), gen)
+    return x[:2_000], y[:2_000], x[2_000:], y[2_000:]
+
+
 WORKLOADS: dict[str, Workload] = {
     "mlp784": Workload("mlp784", _mlp784, _mlp784_data, 512),
     "cnn32": Workload("cnn32", _cnn32, _cnn32_data, 256),
+    "resnet18": Workload("resnet18", _resnet18, _resnet18_data, 128),
 }
+# "--workload all": the small workloads; resnet18 (minutes of CPU) only when named.
+SMALL_WORKLOADS = ("mlp784", "cnn32")
 
 
 class Batches:
@@ -285,12 +304,14 @@ STAGES = {
     "fit-factors": ["fit-factors"],
     "self-influence": ["self-influence"],
     "score": ["score-top10", "score-full"],
+    "all": ["fit-factors", "self-influence", "score-top10"],  # the resnet18 rows
 }
 KRONFLUENCE = {"fit-factors": "kronfluence-fit", "self-influence": "kronfluence-self", "score": "kronfluence-score"}
 TARGETS = {
     ("mlp784", "fit-factors"): 4, ("cnn32", "fit-factors"): 4,
     ("mlp784", "self-influence"): 3, ("cnn32", "self-influence"): 6,
     ("cnn32", "score-top10"): 2, ("cnn32", "score-full"): 2,
+    ("resnet18", "fit-factors"): 6, ("resnet18", "self-influence"): 6, ("resnet18", "score-top10"): 6,
 }
 
 
@@ -306,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kronfluence", action="store_true", help="also run kronfluence's ekfac if importable")
     parser.add_argument("--repeat", type=int, default=1,
                         help="repeat epoch + stage measurements and report medians (noisy machines)")
+    parser.add_argument("--memory", action="store_true",
+                        help="add each stage's peak RSS over its start and the docs/memory.md formula")
     parser.add_argument("--_stage", help=argparse.SUPPRESS)
     parser.add_argument("--_dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -317,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("a stage is required")
 
     torch.set_num_threads(THREADS)
-    names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    names = list(SMALL_WORKLOADS) if args.workload == "all" else [args.workload]
     use_kron = False
     if args.kronfluence:
         try:
@@ -332,10 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             workload = WORKLOADS[name]
             prepare(workload, directory)
+            formula = _formulas(workload, directory) if args.memory else {}
             stages = list(STAGES[args.stage])
             if use_kron:
                 stages.append(KRONFLUENCE[args.stage])
-            if args.stage != "fit-factors":
+            if "fit-factors" not in stages:
                 prep = measure("fit-factors", workload, directory)  # factors for the later stages
                 if "error" in prep:
                     print(f"{name}: fitting factors failed: {prep['error']}")
@@ -354,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
                     res = measure(stage, workload, directory)
                     if "error" not in res:
                         res["ratio"] = res["seconds"] / epoch["seconds"]
+                        if stage in formula and res.get("stage_peak_mb") and res.get("rss_before_mb"):
+                            grown = res["stage_peak_mb"] - res["rss_before_mb"]
+                            res["note"] = " ".join(filter(None, [res.get("note"), (
+                                f"peak {grown:.0f} MB over start, formula {formula[stage]:.0f} MB"
+                                f" ({grown / formula[stage]:.2f}×)")]))
                     results[stage].append(res)
             if not epochs:
                 continue
@@ -365,6 +394,16 @@ def main(argv: list[str] | None = None) -> int:
               "measured just before it")
     _print_table(rows)
     return 0
+
+
+def _formulas(workload: Workload, directory: Path) -> dict[str, float]:
+    """docs/memory.md's bytes beyond the start of each stage, in MB (scripts/memory_check.py)."""
+    from memory_check import MB, formulas, layer_sizes
+
+    model, blob = load(workload, directory)
+    layers, acts = layer_sizes(model, blob["x"])
+    values = formulas(layers, acts, len(blob["x"]), workload.batch_size, len(blob["xt"]))
+    return {stage: value / MB for stage, value in values.items()}
 
 
 def _row(name: str, stage: str, runs: list[dict], target: float | None) -> tuple:
