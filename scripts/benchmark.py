@@ -4,6 +4,8 @@
     python scripts/benchmark.py {fit-factors,self-influence,score} [--workload mlp784|cnn32|all]
                                 [--kronfluence] [--repeat N]
     python scripts/benchmark.py --whole-process [--workload ...] [--repeat N]   (CLI commands)
+    python scripts/benchmark.py lowrank [--workload mlp784] [--rank 32]   (exact vs query_rank)
+    python scripts/benchmark.py all --workload resnet18 --memory          (the real-size model)
 
 Each workload: synthetic seeded data, the model trained ~1 epoch with Adam, CPU,
 torch.set_num_threads(2), float32. Every measured stage runs in its own subprocess so
@@ -40,6 +42,7 @@ from torch import nn  # noqa: E402
 
 THREADS = 2
 SEED = 0
+RANK = [32]  # query_rank of the "score-rank" stage (--rank)
 
 
 # ------------------------------------------------------------------ workloads
@@ -204,16 +207,18 @@ def run_stage(stage: str, workload: Workload, directory: Path) -> dict:
         scores = self_influence(model, factors, loader)
         result["seconds"] = time.perf_counter() - t0
         result["note"] = f"N={len(scores)}"
-    elif stage in ("score-top10", "score-full"):
+    elif stage in ("score-top10", "score-full", "score-rank"):
         factors = Factors.load(factors_dir)
+        rank = RANK[0] if stage == "score-rank" else 0
         t0 = time.perf_counter()
         out = pairwise_scores(
             model, factors, loader, blob["xt"], blob["yt"],
-            top=10 if stage == "score-top10" else None,
+            top=10 if stage == "score-top10" else None, query_rank=rank,
         )
         result["seconds"] = time.perf_counter() - t0
-        if stage == "score-full":
-            result["note"] = f"T×N={tuple(out.shape)}"
+        if stage != "score-top10":
+            result["note"] = f"T×N={tuple(out.shape)}" + (f", query_rank={rank}" if rank else "")
+            torch.save(out, directory / f"{workload.name}-{stage}.pt")
     elif stage.startswith("kronfluence-"):
         result.update(_kronfluence(stage.split("-", 1)[1], model, blob, workload, directory))
     else:
@@ -287,7 +292,7 @@ def _kronfluence(what: str, model: nn.Module, blob: dict, workload: Workload, di
 def measure(stage: str, workload: Workload, directory: Path) -> dict:
     """Run one stage in a fresh interpreter; add its whole-process wall time."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_stage", stage,
-           "--workload", workload.name, "--_dir", str(directory)]
+           "--workload", workload.name, "--_dir", str(directory), "--rank", str(RANK[0])]
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -305,12 +310,14 @@ STAGES = {
     "self-influence": ["self-influence"],
     "score": ["score-top10", "score-full"],
     "all": ["fit-factors", "self-influence", "score-top10"],  # the resnet18 rows
+    "lowrank": ["score-full", "score-rank"],  # exact vs query_rank, with their agreement
 }
 KRONFLUENCE = {"fit-factors": "kronfluence-fit", "self-influence": "kronfluence-self", "score": "kronfluence-score"}
 TARGETS = {
     ("mlp784", "fit-factors"): 4, ("cnn32", "fit-factors"): 4,
     ("mlp784", "self-influence"): 3, ("cnn32", "self-influence"): 6,
     ("cnn32", "score-top10"): 2, ("cnn32", "score-full"): 2,
+    ("mlp784", "score-rank"): 10,
     ("resnet18", "fit-factors"): 6, ("resnet18", "self-influence"): 6, ("resnet18", "score-top10"): 6,
 }
 
@@ -329,9 +336,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="repeat epoch + stage measurements and report medians (noisy machines)")
     parser.add_argument("--memory", action="store_true",
                         help="add each stage's peak RSS over its start and the docs/memory.md formula")
+    parser.add_argument("--rank", type=int, default=32, help="query_rank of the lowrank mode (default 32)")
     parser.add_argument("--_stage", help=argparse.SUPPRESS)
     parser.add_argument("--_dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    RANK[0] = args.rank
 
     if args._stage:  # inside a measured subprocess
         print(json.dumps(run_stage(args._stage, WORKLOADS[args.workload], Path(args._dir))))
@@ -349,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             use_kron = True
         except ImportError:
             print("kronfluence is not importable here; skipping the side-by-side run.")
-    rows = []
+    rows, agreement = [], []
     with tempfile.TemporaryDirectory(prefix="infl-bench-") as tmp:
         directory = Path(tmp)
         for name in names:
@@ -389,11 +398,37 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_row(name, "fwd+bwd epoch", [dict(e, ratio=1.0) for e in epochs], None))
             for stage in stages:
                 rows.append(_row(name, stage, results[stage], TARGETS.get((name, stage))))
+            if args.stage == "lowrank":
+                agreement.append((name, _agreement(directory, name)))
     if args.repeat > 1:
         print(f"medians of {args.repeat} repetitions; × epoch pairs each stage with the epoch "
               "measured just before it")
     _print_table(rows)
+    for name, text in agreement:
+        print(f"{name}: query_rank={RANK[0]} against exact: {text}")
     return 0
+
+
+def _agreement(directory: Path, name: str) -> str:
+    """Top-10 proponent overlap and Spearman rank correlation per test row (means, and
+    the worst row), low-rank against exact scores of the same run."""
+    paths = [directory / f"{name}-{stage}.pt" for stage in ("score-full", "score-rank")]
+    if not all(p.is_file() for p in paths):
+        return "not measured (a stage failed)"
+    exact, approx = (torch.load(p).double() for p in paths)
+    top_e, top_a = exact.topk(10, dim=1).indices, approx.topk(10, dim=1).indices
+    overlap = torch.tensor([len(set(e.tolist()) & set(a.tolist())) / 10 for e, a in zip(top_e, top_a)])
+
+    def ranks(x: torch.Tensor) -> torch.Tensor:
+        return x.argsort(dim=1).argsort(dim=1).double()
+
+    re, ra = ranks(exact), ranks(approx)
+    re, ra = re - re.mean(1, keepdim=True), ra - ra.mean(1, keepdim=True)
+    rho = (re * ra).sum(1) / (re.norm(dim=1) * ra.norm(dim=1))
+    rel = float((approx - exact).norm() / exact.norm())
+    return (f"top-10 proponent overlap mean {overlap.mean():.3f} (worst row {overlap.min():.1f}), "
+            f"Spearman mean {rho.mean():.4f} (worst row {rho.min():.4f}), "
+            f"relative Frobenius error {rel:.3g}")
 
 
 def _formulas(workload: Workload, directory: Path) -> dict[str, float]:

@@ -117,6 +117,8 @@ def run_score(
             "strategy": strategy,
             "sign": "positive = training example is a proponent of the test row",
         }
+        if config.influence.query_rank:
+            metadata["approximation"] = f"query_rank={config.influence.query_rank}: rank-k test gradients"
         with atomic_path(Path(matrix_path)) as tmp:
             save_file({"scores": matrix.contiguous()}, str(tmp), metadata=metadata)
     else:
