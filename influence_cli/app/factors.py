@@ -169,7 +169,7 @@ def ensure_factors(
                 on_batch=on_batch,
                 dist=dist if dist.active and parallel else None,
                 amp=config.influence.amp,
-                **fit_settings(config, strategy),
+                **fit_settings(session, state, strategy),
             )
 
     factors = with_batch_backoff(session, "fit-factors", fit)
@@ -190,8 +190,10 @@ def solver_options(config: Config, strategy: str) -> Optional[dict[str, Any]]:
     return config.influence.strategy_options(strategy)
 
 
-def fit_settings(config: Config, strategy: str) -> dict[str, Any]:
-    """What turns curvature sums into factors: one set for a single fit and `infl merge`."""
+def fit_settings(session: Session, state: ModelState, strategy: str) -> dict[str, Any]:
+    """What turns curvature sums into factors (damping, dtype, the strategy's options): one
+    set for a single fit and `infl merge`, so merged factors are the single fit's."""
+    config = session.config
     return dict(
         damping=config.influence.damping, dtype=influence_dtype(config), damping_factor=config.influence.damping_factor,
         damping_scope=config.influence.damping_scope, options=solver_options(config, strategy),

@@ -154,7 +154,7 @@ def _save_merged(session: Any, state: Any, strategy: str, count: int, **sums: An
     config = session.config
     factors = factors_from_sums(
         state.model, strategy, fisher=config.influence.fisher, modules=config.influence.modules,
-        **sums, **fit_settings(config, strategy),
+        **sums, **fit_settings(session, state, strategy),
     )
     extra = {**session.factors_want(state, strategy), "config_name": config.name, "fit_seconds": None,
              "merged_shards": count}
