@@ -82,18 +82,37 @@ def run_score(
     """Score test rows from a CSV against every training example; keep the top N each way."""
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
     from influence_cli.data.queries import read_query_rows
     from influence_cli.render.files import write_csv
-    from influence_cli.run import atomic_path
 
     config, run = session.config, session.run
     strategy = strategy or config.influence.strategy
     start = time.perf_counter()
     csv_path = Path(csv_path)
+    queries = read_query_rows(csv_path, config, session.data())
+    result = score_queries(session, queries, top=top, strategy=strategy, measurement=measurement, matrix_path=matrix_path)
+    if result.table is None:
+        return result
+    target = Path(out) if out is not None and str(out) != "-" else run.scores_csv(csv_path.stem)
+    write_csv(result.table, target)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def score_queries(
+    session: Session, queries: Any, *, top: int, strategy: str, measurement: str = "loss", matrix_path: Optional[Any] = None,
+) -> ScoreResult:
+    """The top ``top`` proponents and opponents of each query row (a QueryRows), as a
+    table in SCORE_COLUMNS (None on ranks other than 0); ``matrix_path`` also keeps the
+    full (T, N) matrix. `infl score` and the Python API's ``Auditor.score``."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from influence_cli.run import atomic_path
+
+    start = time.perf_counter()
     data = session.data()
-    queries = read_query_rows(csv_path, config, data)
     members = ensure_members(session)
     state = members[0].state
     predicted = predict_queries(members, queries.inputs)
@@ -134,8 +153,6 @@ def run_score(
     )
     if not np.all(np.isfinite(table["influence"].to_numpy(dtype=float))):
         raise InflError("scores are not finite: set influence.damping to a larger number")
-    target = Path(out) if out is not None and str(out) != "-" else run.scores_csv(csv_path.stem)
-    write_csv(table, target)
     return ScoreResult(
         table, queries, predicted, measured, time.perf_counter() - start, state, strategy, matrix_path
     )

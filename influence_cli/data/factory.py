@@ -119,7 +119,13 @@ def build_factory(config: Config) -> SourceData:
         result = function(**dict(data.factory_kwargs))
     except Exception as exc:  # the user's code may raise anything
         raise DataError(f"data.factory: '{data.factory}' raised {type(exc).__name__}: {exc}") from None
-    parts = _parts(result)
+    return source_from_parts(_parts(result), config)
+
+
+def source_from_parts(parts: dict[str, Any], config: Config) -> SourceData:
+    """SourceData of {train, test?, class_names?, train_ids?, test_ids?} Datasets (the
+    factory's result, or the Python API's arguments)."""
+    data = config.data
     regression = config.task == "regression"
     workers = int(config.influence.num_workers)
     train = _check_dataset(parts["train"], "train")
