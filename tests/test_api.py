@@ -120,6 +120,12 @@ def test_api_takes_tensors_and_regression(tmp_path):
     y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(40, generator=g)
     y[5] += 8.0
     model = nn.Linear(3, 1)
+    with torch.no_grad():  # least squares on the clean rows: row 5 is the outlier
+        keep = torch.arange(40) != 5
+        design = torch.cat([x[keep], torch.ones(39, 1)], 1)
+        solution = torch.linalg.lstsq(design, y[keep, None]).solution
+        model.weight.copy_(solution[:3].T)
+        model.bias.copy_(solution[3])
     audit = Auditor(model, (x, y), task="regression", output_dir=tmp_path)
     table = audit.self_influence()
     assert int(table.iloc[0]["index"]) == 5

@@ -93,7 +93,7 @@ class DataConfig(_Strict):
     )
     categorical_columns: Optional[list[str]] = Field(
         None, description="table: columns one-hot encoded (categories sorted, taken from the training rows; "
-        "an unseen category encodes as all zeros); null = every non-numeric feature column"
+        "an unseen category encodes as all zeros); null = none"
     )
     cache: bool = Field(
         True, description="keep the decoded splits in runs/<name>/cache/ (digits, table, image_folder, csv_manifest) "
