@@ -111,6 +111,11 @@ def score_queries(
 
     from influence_cli.run import atomic_path
 
+    if session.config.task == "regression":
+        raise InflError(
+            "scoring query rows supports task: classification only so far; for regression use self-influence "
+            "(infl self-influence / Auditor.self_influence)"
+        )
     start = time.perf_counter()
     data = session.data()
     members = ensure_members(session)

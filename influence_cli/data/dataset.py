@@ -119,9 +119,9 @@ class ExampleSet(torch.utils.data.Dataset):
         """A new set with the chosen examples in the given order; ids, labels and scaling kept."""
         idx = _as_index(indices)
         idx_list = idx.tolist()
-        take = getattr(self.inputs, "take", None)
+        lazy = not isinstance(self.inputs, torch.Tensor)  # LazyInputs: a view, nothing decoded
         return ExampleSet(
-            inputs=take(idx_list) if take is not None else self.inputs[idx],
+            inputs=self.inputs.take(idx_list) if lazy else self.inputs[idx],
             labels=self.labels[idx],
             ids=[self.ids[j] for j in idx_list],
             kind=self.kind,
