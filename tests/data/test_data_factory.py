@@ -6,7 +6,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 from influence_cli.data import build_datasets
 from influence_cli.data.lazy import LazyInputs
