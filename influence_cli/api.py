@@ -32,8 +32,8 @@ __all__ = ["Auditor"]
 Data = Union[Dataset, DataLoader, tuple]
 
 
-def as_dataset(data: Data, what: str) -> tuple[Dataset, Optional[int]]:
-    """(Dataset, the loader's batch size or None) of a Dataset, an unshuffled DataLoader
+def as_dataset(data: Data, what: str) -> tuple[Dataset, dict[str, int]]:
+    """(Dataset, the loader's batch_size / num_workers) of a Dataset, an unshuffled DataLoader
     or an ``(inputs, labels)`` pair of tensors. A shuffling DataLoader is refused: its
     batches come in a new order every pass, so scores could not be matched to ids."""
     if isinstance(data, DataLoader):
@@ -44,11 +44,14 @@ def as_dataset(data: Data, what: str) -> tuple[Dataset, Optional[int]]:
                 f"{what}: the DataLoader draws examples with {kind}, not in order (shuffle=True?), so the scores "
                 "could not be matched to example ids; pass DataLoader(..., shuffle=False) or the Dataset itself"
             )
-        return data.dataset, data.batch_size
+        settings = {"num_workers": int(data.num_workers)}
+        if data.batch_size is not None:
+            settings["batch_size"] = int(data.batch_size)
+        return data.dataset, settings
     if isinstance(data, Dataset):
-        return data, None
+        return data, {}
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return TensorDataset(data[0], data[1]), None
+        return TensorDataset(data[0], data[1]), {}
     raise DataError(f"{what}: expected a torch Dataset, a DataLoader or (inputs, labels) tensors, not {type(data).__name__}")
 
 
@@ -101,10 +104,10 @@ class Auditor:
         from influence_cli.data.factory import source_from_parts
         from influence_cli.progress import Reporter
 
-        train, loader_batch = as_dataset(train_data, "train_data")
+        train, loader_settings = as_dataset(train_data, "train_data")
         test = as_dataset(test_data, "test_data")[0] if test_data is not None else train
-        if loader_batch is not None:
-            influence.setdefault("batch_size", loader_batch)
+        for key, value in loader_settings.items():  # a DataLoader's batch size and workers, unless given
+            influence.setdefault(key, value)
         if output_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="infl-api-")
             output_dir = self._tmp.name
