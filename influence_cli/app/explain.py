@@ -86,9 +86,9 @@ def top_of_matrix(matrix: torch.Tensor, k: int) -> Any:
     return TopInfluences(torch.gather(matrix, 1, best), best, torch.gather(matrix, 1, worst), worst)
 
 
-def write_score_table(session: Session, queries: Any, predicted: np.ndarray, top: Any, target: Any) -> Any:
+def write_score_table(session: Session, queries: Any, predicted: np.ndarray, top: Any, target: Optional[Any]) -> Any:
     """The score table from each row's top-k both ways, checked finite and written to
-    ``target``: one ending for `infl score` and `infl merge`."""
+    ``target`` (None: not written): one ending for `infl score`, `infl merge` and the API."""
     from influence_cli.render.files import write_csv
 
     data = session.data()
@@ -98,7 +98,8 @@ def write_score_table(session: Session, queries: Any, predicted: np.ndarray, top
     )
     if not np.all(np.isfinite(table["influence"].to_numpy(dtype=float))):
         raise InflError("scores are not finite: set influence.damping to a larger number")
-    write_csv(table, target)
+    if target is not None:
+        write_csv(table, target)
     return table
 
 
@@ -119,12 +120,35 @@ def run_score(
 
     from influence_cli.data.queries import read_query_rows
 
-    config = session.config
-    strategy = strategy or config.influence.strategy
+    strategy = strategy or session.config.influence.strategy
     start = time.perf_counter()
     csv_path = Path(csv_path)
+    queries = read_query_rows(csv_path, session.config, session.data())
+    result = score_queries(
+        session, queries, top=top, strategy=strategy, measurement=measurement, matrix_path=matrix_path,
+        csv_path=csv_path, out=out,
+    )
+    if isinstance(result, ScoreResult):
+        result.seconds = time.perf_counter() - start
+    return result
+
+
+def score_queries(
+    session: Session, queries: Any, *, top: int, strategy: str, measurement: str = "loss",
+    matrix_path: Optional[Any] = None, csv_path: Optional[Any] = None, out: Optional[Any] = None,
+) -> Any:
+    """The top ``top`` proponents and opponents of each query row (a QueryRows), as a
+    table in SCORE_COLUMNS (None on ranks other than 0); ``matrix_path`` also keeps the
+    full (T, N) matrix. With ``csv_path`` (`infl score`) the table is written to --out or
+    runs/<name>/scores/<stem>.csv, or a shard session writes its shard file; without it
+    (the Python API's ``Auditor.score``) nothing is written."""
+    if session.config.task == "regression":
+        raise InflError(
+            "scoring query rows supports task: classification only so far; for regression use self-influence "
+            "(infl self-influence / Auditor.self_influence)"
+        )
+    start = time.perf_counter()
     data = session.data()
-    queries = read_query_rows(csv_path, config, data)
     members = ensure_members(session)
     state = members[0].state
     predicted = predict_queries(members, queries.inputs)
@@ -146,7 +170,8 @@ def run_score(
         matrix = result.detach().cpu().float()
         save_matrix(matrix, matrix_path, queries, data, measurement, strategy)
         result = top_of_matrix(matrix, k)
-    table = write_score_table(session, queries, predicted, result, scores_target(session, csv_path, out))
+    target = None if csv_path is None else scores_target(session, csv_path, out)
+    table = write_score_table(session, queries, predicted, result, target)
     return ScoreResult(
         table, queries, predicted, measured, time.perf_counter() - start, state, strategy, matrix_path
     )

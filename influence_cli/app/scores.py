@@ -180,10 +180,16 @@ def finish_self_influence(
         raise InflError("self-influence produced non-finite values: set influence.damping to a larger number")
     data = session.data()
     probs = members_probs(members, data.train)
-    table = build_ranking(
-        scores_np, data.train.labels.numpy(), probs, list(data.train.ids), list(data.class_names), config.audit.flag
-    )
-    summary = class_summary(table, list(data.class_names))
+    if config.task == "regression":
+        from influence_cli.audit.regression import build_regression_ranking, regression_summary
+
+        table = build_regression_ranking(scores_np, data.train.labels.numpy(), probs, list(data.train.ids), config.audit.flag)
+        summary = regression_summary(table, data.class_names[0])
+    else:
+        table = build_ranking(
+            scores_np, data.train.labels.numpy(), probs, list(data.train.ids), list(data.class_names), config.audit.flag
+        )
+        summary = class_summary(table, list(data.class_names))
     seconds = time.perf_counter() - start
     state = members[0].state
     summary["run"] = {
@@ -196,7 +202,9 @@ def finish_self_influence(
         "test_accuracy": state.test_accuracy,
         "flag_rule": config.audit.flag.model_dump(mode="json"),
     }
-    if len(members) > 1:
+    if config.task == "regression":
+        summary["run"]["task"] = "regression"  # the accuracies are R² of the first output
+    if len(members) > 1 and config.task == "classification":
         test_probs = members_probs(members, data.test)
         summary["run"]["ensemble"] = {
             "members": len(members),

@@ -68,6 +68,8 @@ class Session:
     member: int = 0
     dist: DistContext = field(default_factory=current)
     shard: Optional[Shard] = None
+    # A model the caller already holds (the Python API): used as it is, never trained.
+    model_state: Optional["ModelState"] = None
 
     def __post_init__(self) -> None:
         self.run = RunDir(self.config, self.member)

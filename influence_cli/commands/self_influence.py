@@ -51,7 +51,7 @@ def self_influence_command(
     cfg = session.config
     err.print(model_line(result.model_state), highlight=False)
     title = f"{cfg.name}: most self-influential training examples ({result.summary['run']['strategy']})"
-    render_self_influence_table(result.table, top or cfg.audit.top, err, title)
+    render_self_influence_table(result.table, top or cfg.audit.top, err, title, regression=cfg.task == "regression")
     render_class_summary(result.summary, err)
     run_info = result.summary["run"]
     err.print(
