@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-
 from test_cli import invoke, table_config, write_config
 
 

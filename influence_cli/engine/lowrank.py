@@ -27,7 +27,7 @@ from torch import Tensor
 
 from influence_cli.engine.kernels import matmul_t
 
-__all__ = ["truncated_svd", "rank_k", "prefer_factored", "factored_scores", "OVERSAMPLE", "ITERATIONS"]
+__all__ = ["ITERATIONS", "OVERSAMPLE", "factored_scores", "prefer_factored", "rank_k", "truncated_svd"]
 
 OVERSAMPLE = 10
 ITERATIONS = 3
@@ -42,7 +42,7 @@ def _orthonormal(x: Tensor) -> Tensor:
 def truncated_svd(m: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(U (T, d_out, k), V·S (T, d_in, k)) with U (VS)ᵀ ≈ the best rank-k approximation of
     every M_t in m (T, d_out, d_in). Deterministic (fixed seed)."""
-    t, d_out, d_in = m.shape
+    _t, d_out, d_in = m.shape
     width = min(k + OVERSAMPLE, d_out, d_in)
     if width >= min(d_out, d_in):  # the sketch would span everything: exact SVD of a small matrix
         u, s, vh = torch.linalg.svd(m, full_matrices=False)

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import batches, make_data
 from torch import nn
 
-from influence_cli.engine import fit_factors, pairwise_scores
-from influence_cli.engine import lowrank
+from influence_cli.engine import fit_factors, lowrank, pairwise_scores
 from influence_cli.engine.lowrank import prefer_factored, rank_k, truncated_svd
 from influence_cli.engine.operators import precondition_all
 from influence_cli.engine.reference import per_example_gradients
 from influence_cli.errors import InfluenceError
-from engine_helpers import batches, make_data
 
 F64 = torch.float64
 
