@@ -19,6 +19,7 @@ from .images import build_csv_manifest, build_image_folder
 from .noise import inject_label_noise
 from .synthetic import build_synthetic
 from .table import build_table
+from .text import build_hf_dataset
 
 SOURCES: dict[str, Callable[[Config], SourceData]] = {
     "digits": build_digits,
@@ -29,6 +30,7 @@ SOURCES: dict[str, Callable[[Config], SourceData]] = {
     "csv_manifest": build_csv_manifest,
     "table": build_table,
     "synthetic": build_synthetic,
+    "hf_dataset": build_hf_dataset,
 }
 
 
@@ -46,7 +48,7 @@ def _where(config: Config, test: bool = False) -> str:
     """How messages name the data: the file or folder it came from, else the source."""
     data = config.data
     value = (data.test_path if test else data.train_path) or data.path
-    if data.source in ("image_folder", "csv_manifest", "table") and value is not None:
+    if data.source in ("image_folder", "csv_manifest", "table", "hf_dataset") and value is not None:
         return str(config.resolve_path(value))
     return f"data.source '{data.source}'"
 
@@ -101,7 +103,7 @@ def finish(src: SourceData, config: Config) -> Datasets:
     test_x = src.test_x
     train_x = train_x.float()
     test_x = test_x.float()
-    if data.standardize:
+    if data.standardize and data.source != "hf_dataset":  # token ids are not standardised
         mean, std = standardisation(train_x, src.kind)
         # In place: the source's tensors are ours; train and test never share elements.
         train_x = apply_standardisation(train_x, mean, std)

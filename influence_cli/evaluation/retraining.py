@@ -114,7 +114,7 @@ class RetrainingPlan:
         config, data = self.config, self.data
         seed = retrain_seed(config.seed, r, s)
         start = time.perf_counter()
-        model = build_model(config.model, tuple(data.input_shape), len(data.class_names), seed=seed)
+        model = build_model(config.model, tuple(data.input_shape), len(data.class_names), seed=seed, base_dir=config.base_dir)
         subset = data.train.subset(self.subset_idx[r])
         # a quiet reporter: train_model's own bar would nest inside ours
         train_model(model, subset, config.train, seed=seed, device=self.device, reporter=Reporter())
