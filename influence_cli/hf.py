@@ -87,7 +87,8 @@ def load_tokenizer(cfg: Any, base_dir: Path | None = None) -> Any:
     transformers = require_transformers()
     where = model_location(cfg, base_dir)
     try:
-        return transformers.AutoTokenizer.from_pretrained(where, local_files_only=not cfg.allow_download)
+        with _quiet_transformers(transformers):
+            return transformers.AutoTokenizer.from_pretrained(where, local_files_only=not cfg.allow_download)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"model.name_or_path: cannot load a tokenizer from {where}: {_first_line(exc)}") from None
 
@@ -150,10 +151,14 @@ class _quiet_transformers:
 
     def __enter__(self) -> None:
         self.level = self.logging.get_verbosity()
+        self.bars = self.logging.is_progress_bar_enabled()
         self.logging.set_verbosity_error()
+        self.logging.disable_progress_bar()
 
     def __exit__(self, *exc: object) -> None:
         self.logging.set_verbosity(self.level)
+        if self.bars:
+            self.logging.enable_progress_bar()
 
 
 def tokenise(tokenizer: Any, texts: Sequence[str], max_length: int) -> torch.Tensor:
