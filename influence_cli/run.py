@@ -57,6 +57,10 @@ def training_hash(config: Config, data_fingerprint: str) -> str:
     model and train sections, and the content fingerprint of the training split."""
     dumped = _hashed_sections(config)
     relevant = {k: dumped[k] for k in ("seed", "data", "model", "train")}
+    if config.model.arch == "hf":  # the folder's place is not hashed (a location key): its content is
+        from influence_cli.hf import model_location, weights_hash
+
+        relevant["pretrained"] = weights_hash(model_location(config.model, config.base_dir))
     return hash_object({**relevant, "data_fingerprint": data_fingerprint})
 
 

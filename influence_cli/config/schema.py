@@ -369,7 +369,7 @@ class OutputConfig(_Strict):
 
 #: Config keys that name where files are (resolved against the config's folder), not what they hold.
 PATH_KEYS: dict[str, tuple[str, ...]] = {
-    "data": ("root", "path", "train_path", "test_path"), "model": ("checkpoint", "factory_path"),
+    "data": ("root", "path", "train_path", "test_path"), "model": ("checkpoint", "factory_path", "name_or_path"),
 }
 
 
@@ -429,7 +429,9 @@ class Config(_Strict):
         for section, keys in PATH_KEYS.items():
             for key in keys:
                 if dumped[section].get(key):
-                    dumped[section][key] = str(self.resolve_path(dumped[section][key]).resolve())
+                    path = self.resolve_path(dumped[section][key])
+                    if key != "name_or_path" or path.exists():  # a hub model name stays a name
+                        dumped[section][key] = str(path.resolve())
         if isinstance(dumped["influence"]["ensemble"], list):
             dumped["influence"]["ensemble"] = [str(self.resolve_path(p).resolve()) for p in dumped["influence"]["ensemble"]]
         dumped["output"]["dir"] = str(Path(dumped["output"]["dir"]).expanduser().resolve())

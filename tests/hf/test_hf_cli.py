@@ -101,6 +101,22 @@ def test_tokenised_data_is_fingerprinted_and_read_from_every_format(tmp_path):
     assert d.train.ids == a.train.ids and bool((d.train.inputs == a.train.inputs).all())
 
 
+def test_training_hash_follows_the_model_folder_content_not_its_place(tmp_path):
+    import shutil
+
+    from influence_cli.run import training_hash
+
+    save_tiny_bert(tmp_path / "tiny")
+    write_text_csvs(tmp_path, train=12, test=4, flips=0)
+    raw = yaml.safe_load(write_config(tmp_path).read_text())
+    before = training_hash(config_from_dict(raw, base_dir=tmp_path), "fp")
+    shutil.copytree(tmp_path / "tiny", tmp_path / "elsewhere")
+    moved = training_hash(config_from_dict({**raw, "model": {"arch": "hf", "name_or_path": "elsewhere"}}, base_dir=tmp_path), "fp")
+    assert moved == before
+    save_tiny_bert(tmp_path / "tiny", seed=1)  # other pretrained weights in the same folder
+    assert training_hash(config_from_dict(raw, base_dir=tmp_path), "fp") != before
+
+
 def test_hf_config_errors_are_one_line(tmp_path):
     write_text_csvs(tmp_path, train=12, test=4, flips=0)
     config = write_config(tmp_path)
