@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,14 +25,14 @@ from torch import nn
 from influence_cli.errors import DataError, ModelError
 
 __all__ = [
-    "PackedTextClassifier",
-    "require_transformers",
-    "model_location",
-    "load_tokenizer",
-    "build_hf_model",
-    "tokenise",
-    "default_modules",
     "DEFAULT_LAST_BLOCKS",
+    "PackedTextClassifier",
+    "build_hf_model",
+    "default_modules",
+    "load_tokenizer",
+    "model_location",
+    "require_transformers",
+    "tokenise",
 ]
 
 PACKED_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
@@ -191,9 +192,9 @@ def default_modules(model: nn.Module, last_blocks: int = DEFAULT_LAST_BLOCKS) ->
     chosen = []
     for name in names:
         match = re.search(r"\.(?:layer|layers|h|block)\.(\d+)\.(.+)$", name)
-        if match and int(match.group(1)) in keep and match.group(2) in _BLOCK_LINEARS:
-            chosen.append(name)
-        elif any(fnmatch.fnmatchcase(name.split("model.", 1)[-1], p) for p in _HEAD_PATTERNS):
+        in_block = bool(match) and int(match.group(1)) in keep and match.group(2) in _BLOCK_LINEARS
+        is_head = any(fnmatch.fnmatchcase(name.split("model.", 1)[-1], p) for p in _HEAD_PATTERNS)
+        if in_block or is_head:
             chosen.append(name)
     return chosen or names
 

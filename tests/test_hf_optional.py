@@ -17,5 +17,5 @@ def test_core_does_not_import_transformers():
         "bad = [m for m in ('transformers', 'datasets', 'influence_cli.hf') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr

@@ -11,8 +11,9 @@ so another tokenizer or max_length invalidates trained checkpoints and factors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from .dataset import SourceData
 _READERS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 
-def _frame_of(path: Path, field: str, split: Optional[str]) -> Any:
+def _frame_of(path: Path, field: str, split: str | None) -> Any:
     """A pandas DataFrame of one file, or of one split of a save_to_disk folder."""
     import pandas as pd
 
@@ -138,7 +139,7 @@ def _exists(path: Path, field: str) -> Path:
     return path
 
 
-def _split_frames(path: Path) -> Optional[tuple[Any, Any]]:
+def _split_frames(path: Path) -> tuple[Any, Any] | None:
     """(train, test) frames of a save_to_disk DatasetDict holding both splits, else None."""
     try:
         import datasets

@@ -30,16 +30,16 @@ from influence_cli.errors import InfluenceError
 
 __all__ = [
     "LABEL_KEYS",
-    "to_device",
-    "split_batch",
-    "batch_size",
     "batch_device",
-    "slice_inputs",
+    "batch_size",
     "call_model",
+    "forward_logits",
     "functional_logits",
     "logits_of",
-    "forward_logits",
     "position_mask",
+    "slice_inputs",
+    "split_batch",
+    "to_device",
 ]
 
 LABEL_KEYS = ("labels", "label")

@@ -34,10 +34,10 @@ def reference_factors(model: nn.Module, examples, names: list[str]):
     for kwargs, label in examples:
         records = {}
 
-        def hook(name):
-            def fn(module, args, output):
-                output.retain_grad()
-                records[name] = (args[0].detach(), output)
+        def hook(name, records=records):
+            def fn(module, args, out):
+                out.retain_grad()
+                records[name] = (args[0].detach(), out)
 
             return fn
 

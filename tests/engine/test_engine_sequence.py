@@ -12,13 +12,23 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from sequence_reference import (
+    reference_factors,
+    reference_scores,
+    rel_err,
+    unpadded_examples,
+)
 from torch import nn
 
-from influence_cli.engine import covariance_sums, fit_factors, pairwise_scores, self_influence
+from influence_cli.engine import (
+    covariance_sums,
+    fit_factors,
+    pairwise_scores,
+    self_influence,
+)
 from influence_cli.engine.batches import position_mask, split_batch
 from influence_cli.engine.batching import iterate_indexed_batches
 from influence_cli.errors import InfluenceError
-from sequence_reference import reference_factors, reference_scores, rel_err, unpadded_examples
 
 F64 = torch.float64
 TOL = 1e-5

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-POSITIVE = "good great fine nice happy lovely superb brilliant".split()
-NEGATIVE = "bad awful poor sad terrible boring dreadful weak".split()
-FILLER = "the a movie film was is very quite plot acting story and it this really".split()
+POSITIVE = ["good", "great", "fine", "nice", "happy", "lovely", "superb", "brilliant"]
+NEGATIVE = ["bad", "awful", "poor", "sad", "terrible", "boring", "dreadful", "weak"]
+FILLER = ["the", "a", "movie", "film", "was", "is", "very", "quite", "plot", "acting", "story", "and", "it", "this", "really"]
 
 
 def save_tiny_bert(folder: Path, num_labels: int = 2, seed: int = 0) -> Path:

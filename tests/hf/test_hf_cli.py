@@ -9,13 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from hf_helpers import save_tiny_bert, write_text_csvs
 from typer.testing import CliRunner
 
 from influence_cli.cli import app
 from influence_cli.config import config_from_dict
 from influence_cli.data import build_datasets
 from influence_cli.evaluation.metrics import auroc, average_precision
-from hf_helpers import save_tiny_bert, write_text_csvs
 
 runner = CliRunner()
 
@@ -50,7 +50,8 @@ def test_self_influence_finds_flips_and_score_explains(text_run):
     result = runner.invoke(app, ["self-influence", "-c", str(config), "--top", "5"])
     assert result.exit_code == 0, result.output
     assert "influence: tracking 13 layers" in result.output  # last 2 blocks × 6 projections + head
-    rows = list(csv.DictReader(open(folder / "runs" / "tiny-text" / "self_influence.csv")))
+    with open(folder / "runs" / "tiny-text" / "self_influence.csv") as handle:
+        rows = list(csv.DictReader(handle))
     assert len(rows) == 120
     scores = [float(r["self_influence"]) for r in rows]
     positives = [r["id"] in flips for r in rows]
@@ -62,7 +63,8 @@ def test_self_influence_finds_flips_and_score_explains(text_run):
     out = folder / "scores.csv"
     result = runner.invoke(app, ["score", str(folder / "query.csv"), "-c", str(config), "--top", "3", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    table = list(csv.DictReader(open(out)))
+    with open(out) as handle:
+        table = list(csv.DictReader(handle))
     assert {r["test_id"] for r in table} == {"q0", "q1"}
     for query in ("q0", "q1"):
         mine = [r for r in table if r["test_id"] == query]

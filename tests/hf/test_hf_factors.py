@@ -7,11 +7,21 @@ with autograd's own per-example weight gradients (tests/engine/sequence_referenc
 from __future__ import annotations
 
 import torch
-
-from influence_cli.engine import covariance_sums, fit_factors, pairwise_scores, self_influence
-from influence_cli.hf import PackedTextClassifier, default_modules
 from hf_helpers import save_tiny_bert, sentences
-from sequence_reference import reference_factors, reference_scores, rel_err, unpadded_examples
+from sequence_reference import (
+    reference_factors,
+    reference_scores,
+    rel_err,
+    unpadded_examples,
+)
+
+from influence_cli.engine import (
+    covariance_sums,
+    fit_factors,
+    pairwise_scores,
+    self_influence,
+)
+from influence_cli.hf import PackedTextClassifier, default_modules
 
 F64 = torch.float64
 TOL = 1e-5
