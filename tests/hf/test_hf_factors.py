@@ -6,21 +6,11 @@ with autograd's own per-example weight gradients (tests/engine/sequence_referenc
 
 from __future__ import annotations
 
+import sequence_reference as dense
 import torch
 from hf_helpers import save_tiny_bert, sentences
-from sequence_reference import (
-    reference_factors,
-    reference_scores,
-    rel_err,
-    unpadded_examples,
-)
 
-from influence_cli.engine import (
-    covariance_sums,
-    fit_factors,
-    pairwise_scores,
-    self_influence,
-)
+from influence_cli import engine
 from influence_cli.hf import PackedTextClassifier, default_modules
 
 F64 = torch.float64
@@ -53,26 +43,26 @@ def test_tiny_bert_factors_and_scores_match_dense_reference(tmp_path):
          "labels": labels[s : s + 5]}
         for s in range(0, 14, 5)
     ]
-    examples = unpadded_examples(ids, mask, labels, {"token_type_ids": types})
-    ref = reference_factors(model, examples, LAYERS)
-    cov_a, cov_s = covariance_sums(model, loader, fisher="empirical", modules=LAYERS).normalised()
-    factors = fit_factors(model, loader, "ekfac", fisher="empirical", modules=LAYERS, dtype=F64)
+    examples = dense.unpadded_examples(ids, mask, labels, {"token_type_ids": types})
+    ref = dense.reference_factors(model, examples, LAYERS)
+    cov_a, cov_s = engine.covariance_sums(model, loader, fisher="empirical", modules=LAYERS).normalised()
+    factors = engine.fit_factors(model, loader, "ekfac", fisher="empirical", modules=LAYERS, dtype=F64)
     for name in LAYERS:
         a_ref, s_ref, grads = ref[name]
-        assert rel_err(cov_a[name], a_ref) < TOL, name
-        assert rel_err(cov_s[name], s_ref) < TOL, name
+        assert dense.rel_err(cov_a[name], a_ref) < TOL, name
+        assert dense.rel_err(cov_s[name], s_ref) < TOL, name
         layer = factors.layers[name]
-        assert rel_err(layer.eigenvalues, (layer.q_s.T @ grads @ layer.q_a).square().mean(0)) < TOL, name
+        assert dense.rel_err(layer.eigenvalues, (layer.q_s.T @ grads @ layer.q_a).square().mean(0)) < TOL, name
     assert torch.linalg.matrix_rank(ref[LAYERS[0]][2][0]) > 1  # Σ_t g_t a_tᵀ is not rank one
 
     grads_by_layer = {n: ref[n][2] for n in LAYERS}
-    assert rel_err(self_influence(model, factors, loader), reference_scores(factors, grads_by_layer)) < TOL
+    assert dense.rel_err(engine.self_influence(model, factors, loader), dense.reference_scores(factors, grads_by_layer)) < TOL
     t_ids, t_mask, t_types, t_labels = tokenised(tokenizer, 4, seed=5)
-    test_ref = reference_factors(model, unpadded_examples(t_ids, t_mask, t_labels, {"token_type_ids": t_types}), LAYERS)
-    pair = pairwise_scores(
+    test_ref = dense.reference_factors(model, dense.unpadded_examples(t_ids, t_mask, t_labels, {"token_type_ids": t_types}), LAYERS)
+    pair = engine.pairwise_scores(
         model, factors, loader, {"input_ids": t_ids, "attention_mask": t_mask, "token_type_ids": t_types}, t_labels
     )
-    assert rel_err(pair, reference_scores(factors, grads_by_layer, {n: test_ref[n][2] for n in LAYERS})) < TOL
+    assert dense.rel_err(pair, dense.reference_scores(factors, grads_by_layer, {n: test_ref[n][2] for n in LAYERS})) < TOL
 
 
 def test_packed_wrapper_default_modules(tmp_path):
