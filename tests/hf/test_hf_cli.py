@@ -131,3 +131,17 @@ def test_hf_config_errors_are_one_line(tmp_path):
     config.write_text(yaml.safe_dump(raw))
     result = runner.invoke(app, ["train", "-c", str(config)])
     assert result.exit_code == 2 and "model.arch: hf" in result.output
+
+
+def test_fine_tune_false_audits_the_folder_weights(tmp_path):
+    save_tiny_bert(tmp_path / "tiny")
+    write_text_csvs(tmp_path, train=16, test=4, flips=0)
+    raw = yaml.safe_load(write_config(tmp_path).read_text())
+    raw["model"]["fine_tune"] = False
+    raw["influence"] = {"modules": ["model.classifier", "model.bert.encoder.layer.1.output.dense"]}
+    (tmp_path / "text.yaml").write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["self-influence", "-c", str(tmp_path / "text.yaml"), "--top", "3"])
+    assert result.exit_code == 0, result.output
+    assert "model: loaded checkpoint" in result.output
+    assert "tracking 2 layers, 2,146 of the model's" in result.output  # 64·32+32 + 32·2+2
+    assert not (tmp_path / "runs" / "tiny-text" / "checkpoint.safetensors").exists()
