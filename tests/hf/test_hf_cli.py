@@ -88,6 +88,10 @@ def test_tokenised_data_is_fingerprinted_and_read_from_every_format(tmp_path):
     assert a.fingerprint("train") != b.fingerprint("train")  # another tokenisation, another key
     assert a.train.display(0) == {"text": pd.read_csv(tmp_path / "train.csv")["text"][0]}
     assert a.train.mean is None  # token ids are never standardised
+    from influence_cli.errors import DataError
+
+    with pytest.raises(DataError, match=r"no text column 'sentence' \(data.text_column\); available columns: id, text, label"):
+        datasets(text_column="sentence")
 
     frame = pd.read_csv(tmp_path / "train.csv")
     frame.to_parquet(tmp_path / "all.parquet")
