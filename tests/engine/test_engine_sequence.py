@@ -30,6 +30,7 @@ from influence_cli.engine.batches import position_mask, split_batch
 from influence_cli.engine.batching import iterate_indexed_batches
 from influence_cli.errors import InfluenceError
 
+pytestmark = pytest.mark.filterwarnings("ignore:influence. parameters of these modules are not tracked")
 F64 = torch.float64
 TOL = 1e-5
 

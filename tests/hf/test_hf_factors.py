@@ -6,6 +6,7 @@ with autograd's own per-example weight gradients (tests/engine/sequence_referenc
 
 from __future__ import annotations
 
+import pytest
 import sequence_reference as dense
 import torch
 from hf_helpers import save_tiny_bert, sentences
@@ -13,6 +14,7 @@ from hf_helpers import save_tiny_bert, sentences
 from influence_cli import engine
 from influence_cli.hf import PackedTextClassifier, default_modules
 
+pytestmark = pytest.mark.filterwarnings("ignore:influence. parameters of these modules are not tracked")
 F64 = torch.float64
 TOL = 1e-5
 LAYERS = [
