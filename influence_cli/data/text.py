@@ -130,6 +130,7 @@ def build_hf_dataset(config: Config) -> SourceData:
         test_x=tokenise_texts(config, test_t), test_y=test_y, test_ids=test_ids,
         class_names=class_names, kind="table", feature_names=[data.text_column], pixel_scale=None,
         train_raw=np.array(train_t, dtype=object)[:, None], test_raw=np.array(test_t, dtype=object)[:, None],
+        standardize=False,  # token ids are never standardised
     )
 
 

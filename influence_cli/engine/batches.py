@@ -87,7 +87,10 @@ def _first_tensor(inputs: Any) -> Tensor:
 
 
 def batch_size(inputs: Any) -> int:
-    """Rows of a batch's model inputs (the first dimension of its first tensor)."""
+    """Rows of a batch's model inputs (the first dimension of its first tensor; the
+    length of any other sized object, e.g. lazily decoded inputs)."""
+    if not isinstance(inputs, (Tensor, dict, tuple, list)) and hasattr(inputs, "__len__"):
+        return len(inputs)
     return int(_first_tensor(inputs).shape[0])
 
 
@@ -103,7 +106,7 @@ def slice_inputs(inputs: Any, rows: Any) -> Any:
         return {k: slice_inputs(v, rows) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(slice_inputs(v, rows) for v in inputs)
-    return inputs
+    return inputs[rows] if hasattr(inputs, "__getitem__") else inputs  # e.g. lazily decoded inputs
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:

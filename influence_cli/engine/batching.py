@@ -1,7 +1,8 @@
 """Batches, devices and dtypes: how the engine reads a loader and places a model.
 
 A loader is any re-iterable of batches: ``(inputs, labels[, index])`` sequences or dicts
-(``engine/batches.py`` says how each shape is read); an index item, when it is an integer
+(``engine/batches.py`` says how each shape is read); labels are integer classes, or
+floating targets for regression (engine/losses.py); an index item, when it is an integer
 tensor of the batch's length, carries the examples' global indices
 (``influence_cli.loaders.BatchLoader`` yields them). Nothing here prints; progress goes
 through ``on_batch(stage, n)`` callbacks.
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from influence_cli.engine.batches import batch_size, slice_inputs, split_batch, to_device
+from influence_cli.engine.losses import label_dtype
 from influence_cli.errors import InfluenceError
 
 __all__ = [
@@ -96,7 +98,7 @@ def iterate_indexed_batches(
                 and not third.is_complex()
             ):
                 index = third.cpu().to(torch.int64)
-        yield to_device(inputs, device), labels.to(device=device, dtype=torch.long), index
+        yield to_device(inputs, device), labels.to(device=device, dtype=label_dtype(labels)), index
 
 
 def test_batches(
@@ -112,7 +114,7 @@ def test_batches(
         part = slice(start, start + batch_size_)
         yield (
             to_device(slice_inputs(inputs, part), device),
-            labels[part].to(device=device, dtype=torch.long),
+            labels[part].to(device=device, dtype=label_dtype(labels)),
         )
 
 
