@@ -197,14 +197,3 @@ def default_modules(model: nn.Module, last_blocks: int = DEFAULT_LAST_BLOCKS) ->
         if in_block or is_head:
             chosen.append(name)
     return chosen or names
-
-
-def weights_hash(location: str) -> str:
-    """Content hash of a local model folder's files (weights, config, tokenizer)."""
-    from influence_cli.run import hash_file
-
-    folder = Path(location)
-    parts = [f"{p.relative_to(folder)}:{hash_file(p)}" for p in sorted(folder.rglob("*")) if p.is_file()]
-    import hashlib
-
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()

@@ -61,10 +61,11 @@ def _ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
         checkpoint_hash = hash_file(path)
         info["checkpoint"] = str(path)
     elif config.model.arch == "hf" and not config.model.fine_tune:
-        from influence_cli.hf import model_location, weights_hash
+        from influence_cli.hf import model_location
+        from influence_cli.run import hash_folder
 
         location = model_location(config.model, config.base_dir)
-        checkpoint_hash = weights_hash(location)  # the folder's weights, audited as they are
+        checkpoint_hash = hash_folder(location)  # the folder's weights, audited as they are
         info["checkpoint"] = location
     else:
         meta = read_json(run.train_meta)
