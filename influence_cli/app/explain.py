@@ -168,7 +168,7 @@ def score_queries(
         return ScoreResult(None, queries, predicted, measured, time.perf_counter() - start, state, strategy, matrix_path)
     if matrix_path:
         matrix = result.detach().cpu().float()
-        save_matrix(matrix, matrix_path, queries, data, measurement, strategy)
+        save_matrix(matrix, matrix_path, queries, data, measurement, strategy, session.config.influence.query_rank)
         result = top_of_matrix(matrix, k)
     target = None if csv_path is None else scores_target(session, csv_path, out)
     table = write_score_table(session, queries, predicted, result, target)
@@ -177,7 +177,9 @@ def score_queries(
     )
 
 
-def save_matrix(matrix: torch.Tensor, path: Any, queries: Any, data: Any, measurement: str, strategy: str) -> None:
+def save_matrix(
+    matrix: torch.Tensor, path: Any, queries: Any, data: Any, measurement: str, strategy: str, query_rank: int = 0
+) -> None:
     """``--matrix``: the full test × train scores with row and column ids (safetensors)."""
     from pathlib import Path
 
@@ -192,5 +194,7 @@ def save_matrix(matrix: torch.Tensor, path: Any, queries: Any, data: Any, measur
         "strategy": strategy,
         "sign": "positive = training example is a proponent of the test row",
     }
+    if query_rank:
+        metadata["approximation"] = f"query_rank={query_rank}: rank-k test gradients"
     with atomic_path(Path(path)) as tmp:
         save_file({"scores": matrix.contiguous()}, str(tmp), metadata=metadata)

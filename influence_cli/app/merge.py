@@ -87,7 +87,7 @@ def _merge_score(session: Any, state: Any, stage: str, n: int) -> dict[str, Any]
         if not csv.is_file():
             raise ShardError(f"{metas[0]}: its test CSV {csv} is gone; rerun the score shards")
         want.update({"test_csv_hash": hash_file(csv), "top": first.get("top"), "measurement": first.get("measurement"),
-                     "out": first.get("out")})
+                     "out": first.get("out"), "query_rank": session.config.influence.query_rank or None})
     shards = read_shards(directory, want, n, command=f"score {first.get('test_csv') if first else 'TEST.csv'}")
     meta = shards[0][0]
     parts = [TopInfluences(t["proponent_scores"], t["proponent_indices"], t["opponent_scores"], t["opponent_indices"])

@@ -237,6 +237,7 @@ def pairwise_block(
             return pairwise_scores(
                 model, factors, train_loader(session, batch_size, bounds), test_inputs, test_labels,
                 measurement=measurement, top=top, device=device, on_batch=on_batch, amp=config.influence.amp,
+                query_rank=config.influence.query_rank,
             )
 
     result = with_batch_backoff(session, "score", score)

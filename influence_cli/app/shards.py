@@ -136,6 +136,8 @@ def write_score_shard(
             "out": None if out is None else str(out),
         }
     )
+    if session.config.influence.query_rank:  # shards of another rank are not mergeable
+        meta["query_rank"] = session.config.influence.query_rank
     tensors = {
         "proponent_scores": result.proponent_scores, "proponent_indices": result.proponent_indices,
         "opponent_scores": result.opponent_scores, "opponent_indices": result.opponent_indices,

@@ -41,6 +41,12 @@ def score(
         None, "--matrix", help="Also write the full test × train score matrix (safetensors, with row and column ids)."
     ),
     shard: Optional[str] = ShardOption,
+    query_rank: Optional[int] = typer.Option(
+        None, "--query-rank", min=0,
+        help="Approximate: truncate each layer's preconditioned test gradient to rank K (faster on wide layers; "
+        "0 = exact). Same as --set influence.query_rank=K.",
+        show_default=False,
+    ),
 ) -> None:
     """Explain predictions: the training examples that pushed each test row towards its label (proponents) and away (opponents).
 
@@ -54,6 +60,8 @@ def score(
     for path, option, example in ((out, "--out", "scores.csv"), (matrix, "--matrix", "scores.safetensors")):
         if path is not None and str(path) != "-":
             check_output_file(path, option, example)
+    if query_rank is not None:
+        set_ = [*(set_ or []), f"influence.query_rank={query_rank}"]
     session = open_session(config, set_, shard)
     if session.shard is not None and matrix is not None:
         raise InflError("--matrix cannot be combined with --shard (shards keep the top N only)")
@@ -82,5 +90,8 @@ def show_scores(session: Any, result: Any, test_csv: Path, out: Optional[Path], 
         f"in {result.seconds:.1f} s → {escape(str(target))}{extra}",
         highlight=False,
     )
+    rank = session.config.influence.query_rank
+    if rank:
+        err.print(f"approximate scores: influence.query_rank = {rank} (rank-{rank} test gradients; 0 = exact)", highlight=False)
     if out is not None and str(out) == "-":
         result.table.to_csv(sys.stdout, index=False)

@@ -238,6 +238,11 @@ class InfluenceConfig(_Strict):
         None, description="autocast the model's forward/backward (GPU); factors and scores accumulate in float32"
     )
     num_workers: Int = Field(0, ge=0, description="DataLoader worker processes for sources that are not in-memory tensors")
+    query_rank: Int = Field(
+        0, ge=0,
+        description="pairwise scores: 0 = exact; k > 0 = an approximation that truncates each layer's preconditioned "
+        "query gradient to rank k (faster on wide layers; docs/performance.md)",
+    )
 
     @field_validator("damping", mode="before")
     @classmethod
