@@ -10,6 +10,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from influence_cli.app.choice import resolve_strategy
 from influence_cli.app.model import ensure_members
 from influence_cli.app.scores import members_pairwise, predict_queries
 from influence_cli.app.session import ModelState, Session
@@ -89,7 +90,7 @@ def run_score(
     from influence_cli.run import atomic_path
 
     config, run = session.config, session.run
-    strategy = strategy or config.influence.strategy
+    strategy = resolve_strategy(session, strategy)
     start = time.perf_counter()
     csv_path = Path(csv_path)
     data = session.data()

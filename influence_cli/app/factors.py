@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 import torch
 
+from influence_cli.app.choice import choice_meta
+from influence_cli.app.tuning import damping_settings
 from influence_cli.app.model import Member
 from influence_cli.app.session import ModelState, Session
 from influence_cli.config import Config
@@ -112,7 +114,7 @@ def ensure_factors(
     ``refit_stale`` and refit them, saying so, because their job is to audit the data as
     it is now (a CI check after a label change must not stop at a cache).
     """
-    from influence_cli.engine import fit_factors, get_strategy, load_factors
+    from influence_cli.engine import get_strategy, load_factors
 
     config, run, reporter = session.config, session.run, session.reporter
     directory = run.factors_dir(strategy)
@@ -130,49 +132,49 @@ def ensure_factors(
         if not refit_stale:
             raise FactorsError(f"{directory}: {problem}; rerun with --overwrite to refit")
         reporter.info(f"factors in {directory}: {problem}; refitting")
-    device = influence_device(config)
     dist = session.dist
-    parallel = get_strategy(strategy).data_parallel
-    options = solver_options(config, strategy)
-    if not parallel and dist.active and not dist.is_main:
+    if not get_strategy(strategy).data_parallel and dist.active and not dist.is_main:
         # Strategies without data parallelism fit on the whole training set: rank 0 fits
         # once, the others load it.
         dist.barrier()
         return FactorsState(load_factors(directory), False, 0.0, directory)
-    bounds = shard_bounds(session) if parallel else (0, len(session.data().train))
+    damping, factor = damping_settings(session, strategy, state.checkpoint_hash)
     start = time.perf_counter()
-
-    def fit(batch_size: int) -> Any:
-        with reporter.stages(bounds[1] - bounds[0]) as on_batch:
-            return fit_factors(
-                state.model,
-                train_loader(session, batch_size, bounds),
-                strategy,
-                damping=config.influence.damping,
-                fisher=config.influence.fisher,
-                modules=config.influence.modules,
-                device=device,
-                dtype=influence_dtype(config),
-                seed=session.model_seed,
-                on_batch=on_batch,
-                damping_factor=config.influence.damping_factor,
-                damping_scope=config.influence.damping_scope,
-                dist=dist if dist.active and parallel else None,
-                amp=config.influence.amp,
-                options=options,
-            )
-
-    factors = with_batch_backoff(session, "fit-factors", fit)
+    factors = fit_in_memory(session, state, strategy, damping=damping, damping_factor=factor)
     seconds = time.perf_counter() - start
     if dist.is_main:
         run.ensure()
-        factors.save(directory, extra_meta={**want, "config_name": config.name, "fit_seconds": seconds})
+        extra = {**want, "config_name": config.name, "fit_seconds": seconds, **choice_meta(session, strategy)}
+        factors.save(directory, extra_meta=extra)
     else:
         factors.meta = {**factors._meta_dict(), **want}
     if dist.active:
         dist.barrier()
     state.model.cpu()
     return FactorsState(factors, False, seconds, directory)
+
+
+def fit_in_memory(session: Session, state: ModelState, strategy: str, *, damping: Any, damping_factor: Optional[float]) -> Any:
+    """Fit ``strategy`` on the session's training set with this damping, not stored
+    (``ensure_factors`` stores it; the damping tuner scores each grid point directly)."""
+    from influence_cli.engine import fit_factors, get_strategy
+
+    config, dist = session.config, session.dist
+    parallel = get_strategy(strategy).data_parallel
+    bounds = shard_bounds(session) if parallel else (0, len(session.data().train))
+
+    def fit(batch_size: int) -> Any:
+        with session.reporter.stages(bounds[1] - bounds[0]) as on_batch:
+            return fit_factors(
+                state.model, train_loader(session, batch_size, bounds), strategy,
+                damping=damping, fisher=config.influence.fisher, modules=config.influence.modules,
+                device=influence_device(config), dtype=influence_dtype(config), seed=session.model_seed,
+                on_batch=on_batch, damping_factor=damping_factor, damping_scope=config.influence.damping_scope,
+                dist=dist if dist.active and parallel else None, amp=config.influence.amp,
+                options=solver_options(config, strategy),
+            )
+
+    return with_batch_backoff(session, "fit-factors", fit)
 
 
 def solver_options(config: Config, strategy: str) -> Optional[dict[str, Any]]:
@@ -206,4 +208,6 @@ def warn_solver_limits(session: Session, factors: Any, *, per_example: bool) -> 
 
 def members_factors(members: list[Member], strategy: str) -> list[FactorsState]:
     """Every member's valid factors (reused, or refitted when stale)."""
+    for member in members[1:]:  # the members run the strategy member 0 resolved (and record why)
+        member.session.strategy_choice = member.session.strategy_choice or members[0].session.strategy_choice
     return [ensure_factors(m.session, m.state, strategy, refit_stale=True) for m in members]

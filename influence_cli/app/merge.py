@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from influence_cli.app.choice import resolve_strategy
+from influence_cli.app.tuning import damping_settings
 from influence_cli.app.shard_files import read_shards, refuse_ensemble, want_meta
 from influence_cli.app.shards import bases_paths, valid_bases
 from influence_cli.errors import ShardError
@@ -62,13 +64,29 @@ def _merge_self_influence(session: Any, state: Any, strategy: str, n: int) -> di
     directory = session.run.shard_dir(f"self-influence-{strategy}")
     shards = read_shards(directory, want_meta(session, state, strategy), n, command="self-influence")
     scores = torch.cat([t["self_influence"] for _m, t in shards])
+    ranked = _ranked_scores(session, shards, directory)
     factors = existing_factors(session, state, strategy, "merge")
     from influence_cli.app import FactorsState
 
     fstate = FactorsState(factors, True, 0.0, session.run.factors_dir(strategy))
-    result = finish_self_influence(session, scores.double().numpy(), [Member(session, state)], [fstate], strategy, start)
+    result = finish_self_influence(session, scores.double().numpy(), [Member(session, state)], [fstate], strategy, start,
+                                   ranked)
     return {"stage": f"self-influence-{strategy}", "shards": len(shards), "result": result,
             "outputs": [session.run.self_influence_csv, session.run.mislabels_csv]}
+
+
+def _ranked_scores(session: Any, shards: list, directory: Path) -> Any:
+    """The ``audit.score`` values from the shards' mislabel terms (None for self_influence)."""
+    score = session.config.audit.score
+    if score == "self_influence":
+        return None
+    if any("relabel_self_influence" not in t for _m, t in shards):
+        raise ShardError(f"{directory}: the shards hold self-influence only, but audit.score: {score} needs every "
+                         "mislabel term; rerun `infl self-influence --shard i/n` for every i with this config")
+    from influence_cli.audit.scores import mislabel_scores
+
+    terms = {k: torch.cat([t[k] for _m, t in shards]).double().numpy() for k in shards[0][1] if k != "alternative"}
+    return mislabel_scores(terms, len(session.data().train))[score]
 
 
 def _merge_score(session: Any, state: Any, stage: str, n: int) -> dict[str, Any]:
@@ -80,7 +98,7 @@ def _merge_score(session: Any, state: Any, stage: str, n: int) -> dict[str, Any]
     directory = session.run.shard_dir(stage)
     metas = sorted(directory.glob("*-of-*.json")) if directory.is_dir() else []
     first = read_json(metas[0]) if metas else None
-    strategy = (first or {}).get("strategy", session.config.influence.strategy)
+    strategy = (first or {}).get("strategy") or resolve_strategy(session)
     want = want_meta(session, state, strategy)
     if first:
         csv = Path(first.get("test_csv", ""))
@@ -125,8 +143,9 @@ def _merge_factors(session: Any, state: Any, strategy: str, n: int) -> dict[str,
     passes = spec.passes
     root = session.run.shard_dir(f"factors-{strategy}")
     want = want_meta(session, state, strategy)
-    common = dict(damping=config.influence.damping, fisher=config.influence.fisher, modules=config.influence.modules,
-                  dtype=influence_dtype(config), damping_factor=config.influence.damping_factor,
+    damping, factor = damping_settings(session, strategy, state.checkpoint_hash)
+    common = dict(damping=damping, fisher=config.influence.fisher, modules=config.influence.modules,
+                  dtype=influence_dtype(config), damping_factor=factor,
                   damping_scope=config.influence.damping_scope, options=config.influence.strategy_options(strategy))
     extra = {"checkpoint_hash": state.checkpoint_hash, "influence_hash": want["influence_hash"],
              "data": session.data().data_identity(), "config_name": config.name,

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import torch
 
+from influence_cli.app.choice import resolve_strategy
 from influence_cli.app.shard_files import (
     base_meta,
     refuse_ensemble,
@@ -32,14 +33,20 @@ def self_influence_shard(session: Any, index: int, count: int, strategy: Optiona
         shard_bounds,
     )
 
-    strategy = strategy or session.config.influence.strategy
+    strategy = resolve_strategy(session, strategy)
     state = ensure_model(session)
     factors = existing_factors(session, state, strategy, "self-influence")
     bounds = shard_bounds(session, (index, count))
-    scores = self_influence_scores(session, state.model, factors, shard=(index, count))
+    if session.config.audit.score == "self_influence":
+        tensors = {"self_influence": self_influence_scores(session, state.model, factors, shard=(index, count)).double()}
+    else:  # the other audit.score values need every mislabel term (engine.mislabel)
+        from influence_cli.app.scores import mislabel_terms_block
+
+        terms = mislabel_terms_block(session, state.model, factors, shard=(index, count))
+        tensors = {k: v.double() if v.is_floating_point() else v for k, v in terms.items()}
     stage = f"self-influence-{strategy}"
     meta = base_meta(session, state, strategy, stage, "self-influence", bounds)
-    return write_shard(session.run.shard_dir(stage), index, count, {"self_influence": scores.double()}, meta)
+    return write_shard(session.run.shard_dir(stage), index, count, tensors, meta)
 
 
 def score_shard(
@@ -58,7 +65,7 @@ def score_shard(
     )
     from influence_cli.data.queries import read_query_rows
 
-    strategy = strategy or session.config.influence.strategy
+    strategy = resolve_strategy(session, strategy)
     data = session.data()
     queries = read_query_rows(Path(csv_path), session.config, data)
     state = ensure_model(session)
@@ -126,7 +133,7 @@ def fit_factors_shard(session: Any, index: int, count: int, strategy: Optional[s
     from influence_cli.engine import STRATEGIES, covariance_sums, eigenvalue_sums
 
     config = session.config
-    strategy = strategy or config.influence.strategy
+    strategy = resolve_strategy(session, strategy)
     spec = STRATEGIES.get(strategy)
     if spec is None or not (spec.shardable and spec.passes):
         shardable = ", ".join(name for name, cls in STRATEGIES.items() if cls.shardable and cls.passes)

@@ -25,7 +25,8 @@ def strategy_help() -> str:
         f"{name}: {cls.description}" + (f", settings in influence.{name}" if cls.options_type else "")
         for name, cls in STRATEGIES.items()
     )
-    return f"How (H + λI)⁻¹ is approximated (default: influence.strategy) — {choices}."
+    return (f"How (H + λI)⁻¹ is approximated (default: influence.strategy, auto = exact up to "
+            f"influence.exact.max_params tracked parameters, else ekfac) — {choices}.")
 
 
 def slow_strategy_names() -> str:
@@ -92,8 +93,8 @@ def parse_shard_option(text: Optional[str]) -> Optional[tuple[int, int]]:
 
 
 def check_strategy(strategy: Optional[str]) -> Optional[str]:
-    if strategy is None:
-        return None
+    if strategy is None or strategy == "auto":  # auto: resolved by app.choice.resolve_strategy
+        return strategy
     from influence_cli.engine import strategy_names
 
     names = strategy_names()
