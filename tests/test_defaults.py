@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from influence_cli.app.choice import auto_choice
@@ -33,7 +32,7 @@ def test_auto_rule_threshold() -> None:
 @pytest.mark.parametrize("max_params, expected", [(20000, "exact"), (50, "ekfac")])
 def test_auto_picks_by_tracked_parameters(tmp_path: Path, max_params: int, expected: str) -> None:
     # 3 features → 8 hidden → 2 classes: 3·8 + 8 + 8·2 + 2 = 50 tracked parameters; max_params 49 is below
-    cfg = write_config(tmp_path, table_config(tmp_path, influence={"exact": {"max_params": max_params - 1 if expected == "ekfac" else max_params}}))
+    cfg = write_config(tmp_path, table_config(tmp_path, influence={"strategy": "auto", "exact": {"max_params": max_params - 1 if expected == "ekfac" else max_params}}))
     result = invoke("fit-factors", "-c", str(cfg))
     assert result.exit_code == 0, result.output
     assert f"strategy: auto → {expected} (50 tracked parameters" in result.output
@@ -44,7 +43,7 @@ def test_auto_picks_by_tracked_parameters(tmp_path: Path, max_params: int, expec
 
 
 def test_strategy_option_overrides_auto(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, table_config(tmp_path))
+    cfg = write_config(tmp_path, table_config(tmp_path, influence={"strategy": "auto"}))
     result = invoke("fit-factors", "-c", str(cfg), "--strategy", "kfac")
     assert result.exit_code == 0, result.output
     assert "strategy: auto" not in result.output
@@ -53,7 +52,7 @@ def test_strategy_option_overrides_auto(tmp_path: Path) -> None:
 
 
 def test_auto_and_explicit_exact_share_the_factor_cache(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, table_config(tmp_path))
+    cfg = write_config(tmp_path, table_config(tmp_path, influence={"strategy": "auto"}))
     assert invoke("fit-factors", "-c", str(cfg)).exit_code == 0
     again = invoke("fit-factors", "-c", str(cfg), "--set", "influence.strategy=exact")
     assert again.exit_code == 0 and "factors: reusing" in again.output

@@ -202,7 +202,7 @@ def evaluate_noise_detection(
     run.ensure()
     predicted = _write_scores_csv(run.root / "evaluation_scores.csv", members, data, columns)
     result = _detection_result(config, session, members, predicted, names, rankings)
-    result["default"] = default
+    result["default"] = rounded_entry(default, METRIC_KEYS)
     result["seconds"] = clean_number(total(), 3)
     result = json_safe(result)
     if session.dist.is_main:
