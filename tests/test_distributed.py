@@ -229,7 +229,8 @@ def test_out_of_memory_halves_the_batch_and_retries(single, monkeypatch):
     out = copy_model(single, "oom")
     shutil.copytree(single / "single" / "tiny-dist" / "factors", Path(out) / "tiny-dist" / "factors")
     reporter = Recorder()
-    config = load_config(str(single / "tiny.yaml"), [f"output.dir={out}"])
+    # audit.score self_influence: the plain self-influence loop is the one made to fail here
+    config = load_config(str(single / "tiny.yaml"), [f"output.dir={out}", "audit.score=self_influence"])
     result = run_self_influence(Session(config, reporter))
     assert sizes == [32, 16, 8]
     assert reporter.warnings == [
