@@ -27,15 +27,13 @@ from influence_cli.errors import InflError
 from influence_cli.training import predict_probs
 
 
-def self_influence_scores(
-    session: Session, model: nn.Module, factors: Any, *, shard: Optional[tuple[int, int]] = None
-) -> torch.Tensor:
-    """Self-influence of the training set: this rank's (or --shard job's) block, gathered
-    over ranks in global index order. With ``shard`` only that block is returned."""
+def self_influence_scores(session: Session, model: nn.Module, factors: Any) -> torch.Tensor:
+    """Self-influence of the training set: this rank's block, gathered over ranks in global
+    index order; a --shard job's block alone (``session.shard``)."""
     from influence_cli.engine.scoring import self_influence
 
     config = session.config
-    bounds = shard_bounds(session, shard)
+    bounds = shard_bounds(session)
     device = influence_device(config)
 
     def score(batch_size: int) -> torch.Tensor:
@@ -47,20 +45,18 @@ def self_influence_scores(
 
     scores = with_batch_backoff(session, "self-influence", score).detach().cpu()
     model.cpu()
-    if shard is None and session.dist.active:
+    if session.shard is None and session.dist.active:
         scores = session.dist.gather_cat(scores)
     return scores
 
 
-def mislabel_terms_block(
-    session: Session, model: nn.Module, factors: Any, *, shard: Optional[tuple[int, int]] = None
-) -> dict[str, torch.Tensor]:
+def mislabel_terms_block(session: Session, model: nn.Module, factors: Any) -> dict[str, torch.Tensor]:
     """The engine's mislabel terms (``engine.mislabel``) of the training set in index
-    order, this rank's block gathered over ranks (with ``shard``: only that block)."""
+    order, this rank's block gathered over ranks (a --shard job: its block alone)."""
     from influence_cli.engine.mislabel import mislabel_terms
 
     config = session.config
-    bounds = shard_bounds(session, shard)
+    bounds = shard_bounds(session)
     device = influence_device(config)
 
     def score(batch_size: int) -> dict[str, torch.Tensor]:
@@ -72,7 +68,7 @@ def mislabel_terms_block(
 
     terms = with_batch_backoff(session, "self-influence", score)
     model.cpu()
-    if shard is None and session.dist.active:
+    if session.shard is None and session.dist.active:
         terms = {name: session.dist.gather_cat(value.detach().cpu()) for name, value in terms.items()}
     return terms
 
@@ -84,7 +80,7 @@ def members_mislabel_scores(
     averaged over the ensemble members (each member's scores use its own alternative label)."""
     from influence_cli.audit.scores import mislabel_scores
 
-    fstates = fstates or members_factors(members, strategy)
+    fstates = fstates or members_factors(members, strategy, "self-influence")
     total: dict[str, np.ndarray] = {}
     for member, fstate in zip(members, fstates):
         warn_solver_limits(member.session, fstate.factors, per_example=True)
@@ -111,7 +107,7 @@ def members_self_influence(
     """Self-influence averaged over the ensemble members, float64, in training order
     (under torchrun each rank scores its block and every rank gets the whole vector).
     ``fstates``: the members' factors when the caller already holds them."""
-    fstates = fstates or members_factors(members, strategy)
+    fstates = fstates or members_factors(members, strategy, "self-influence")
     total: Optional[np.ndarray] = None
     for member, fstate in zip(members, fstates):
         warn_solver_limits(member.session, fstate.factors, per_example=True)
@@ -149,7 +145,7 @@ def members_pairwise(
     rank scores its block of training columns and the blocks are gathered."""
     from influence_cli.engine.scoring import TopInfluences
 
-    fstates = fstates or members_factors(members, strategy)
+    fstates = fstates or members_factors(members, strategy, "score")
     total = None
     for member, fstate in zip(members, fstates):
         session = member.session
@@ -194,21 +190,28 @@ def predict_queries(members: list[Member], inputs: torch.Tensor) -> np.ndarray:
     return members_probs(members, TensorRows(inputs)).argmax(1)
 
 
-def run_self_influence(session: Session, strategy: Optional[str] = None) -> SelfInfluenceResult:
+def run_self_influence(session: Session, strategy: Optional[str] = None) -> Any:
     """Self-influence of every training example, ranked and flagged; writes the CSVs
-    (rank 0 only under torchrun).
+    (rank 0 only under torchrun) and returns a SelfInfluenceResult.
 
     With an ensemble the scores and the predicted probabilities are averaged over members.
+    A ``--shard i/n`` session scores its block with the stored factors and writes it as a
+    shard file instead (a ShardResult; `infl merge` ranks the whole set).
     """
     strategy = resolve_strategy(session, strategy)
     start = time.perf_counter()
     members = ensure_members(session)
-    if session.config.audit.score == "self_influence":
+    if session.config.audit.score == "self_influence" or session.config.task == "regression":
         scores_np, fstates = members_self_influence(members, strategy)
-        return finish_self_influence(session, scores_np, members, fstates, strategy, start)
-    every, fstates = members_mislabel_scores(members, strategy)
-    ranked = every[session.config.audit.score]
-    return finish_self_influence(session, every["self_influence"], members, fstates, strategy, start, ranked)
+        ranked, every = None, None
+    else:
+        every, fstates = members_mislabel_scores(members, strategy)
+        scores_np, ranked = every["self_influence"], every[session.config.audit.score]
+    if session.shard is not None:
+        from influence_cli.app.shards import write_self_influence_shard
+
+        return write_self_influence_shard(session, members[0].state, strategy, shard_bounds(session), scores_np, every)
+    return finish_self_influence(session, scores_np, members, fstates, strategy, start, ranked)
 
 
 def finish_self_influence(
@@ -226,11 +229,17 @@ def finish_self_influence(
         raise InflError("self-influence produced non-finite values: set influence.damping to a larger number")
     data = session.data()
     probs = members_probs(members, data.train)
-    table = build_ranking(
-        scores_np, data.train.labels.numpy(), probs, list(data.train.ids), list(data.class_names), config.audit.flag,
-        score=ranked, score_name=config.audit.score if ranked is not None else "self_influence",
-    )
-    summary = class_summary(table, list(data.class_names))
+    if config.task == "regression":
+        from influence_cli.audit.regression import build_regression_ranking, regression_summary
+
+        table = build_regression_ranking(scores_np, data.train.labels.numpy(), probs, list(data.train.ids), config.audit.flag)
+        summary = regression_summary(table, data.class_names[0])
+    else:
+        table = build_ranking(
+            scores_np, data.train.labels.numpy(), probs, list(data.train.ids), list(data.class_names), config.audit.flag,
+            score=ranked, score_name=config.audit.score if ranked is not None else "self_influence",
+        )
+        summary = class_summary(table, list(data.class_names))
     seconds = time.perf_counter() - start
     state = members[0].state
     summary["run"] = {
@@ -244,7 +253,9 @@ def finish_self_influence(
         "test_accuracy": state.test_accuracy,
         "flag_rule": config.audit.flag.model_dump(mode="json"),
     }
-    if len(members) > 1:
+    if config.task == "regression":
+        summary["run"]["task"] = "regression"  # the accuracies are R² of the first output
+    if len(members) > 1 and config.task == "classification":
         test_probs = members_probs(members, data.test)
         summary["run"]["ensemble"] = {
             "members": len(members),
@@ -262,14 +273,14 @@ def finish_self_influence(
 
 def pairwise_block(
     session: Session, model: nn.Module, factors: Any, test_inputs: torch.Tensor, test_labels: torch.Tensor, *,
-    measurement: str, top: Optional[int], shard: Optional[tuple[int, int]] = None,
+    measurement: str, top: Optional[int],
 ) -> Any:
     """Scores of the test rows against this process's block of the training set, with
     global training indices (the full matrix's columns or TopInfluences indices)."""
     from influence_cli.engine.scoring import pairwise_scores
 
     config = session.config
-    bounds = shard_bounds(session, shard)
+    bounds = shard_bounds(session)
     device = influence_device(config)
 
     def score(batch_size: int) -> Any:

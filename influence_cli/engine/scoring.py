@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from influence_cli.engine.batching import (
@@ -32,6 +31,7 @@ from influence_cli.engine.batching import (
 )
 from influence_cli.engine.capture import ActivationCapture, LayerBatch
 from influence_cli.engine.kernels import Workspace
+from influence_cli.engine.losses import MEASUREMENTS, measurement_loss
 from influence_cli.engine.tracked import eval_mode
 from influence_cli.errors import InfluenceError
 
@@ -46,7 +46,6 @@ __all__ = [
     "MEASUREMENTS",
 ]
 
-MEASUREMENTS = ("loss", "margin")
 # Preconditioned test gradients take T × (number of weights) elements; past this budget,
 # test rows are scored in groups, each streaming the training set once.
 TEST_GROUP_ELEMENTS = 128 * 1024 * 1024
@@ -100,22 +99,6 @@ class TopInfluences:
 
 
 _TOP_FIELDS = ("proponent_scores", "proponent_indices", "opponent_scores", "opponent_indices")
-
-
-def measurement_loss(logits: Tensor, labels: Tensor, measurement: str = "loss") -> Tensor:
-    """Summed per-example objective whose gradient is the test-side g.
-
-    "loss": cross-entropy. "margin": −(logit_y − logsumexp(other logits)), so a positive
-    score still means "proponent" (up-weighting the training example raises the margin).
-    """
-    if measurement == "loss":
-        return F.cross_entropy(logits, labels, reduction="sum")
-    if measurement == "margin":
-        correct = logits.gather(1, labels[:, None]).squeeze(1)
-        is_label = torch.arange(logits.shape[1], device=logits.device) == labels[:, None]
-        others = logits.masked_fill(is_label, float("-inf"))
-        return -(correct - torch.logsumexp(others, dim=1)).sum()
-    raise InfluenceError(f"measurement must be one of {MEASUREMENTS}, not {measurement!r}")
 
 
 def gradient_batches(
