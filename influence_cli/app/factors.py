@@ -140,7 +140,7 @@ def ensure_factors(
 
     if session.shard is not None:
         return fit_factors_shard(session, state, strategy)
-    config, run, reporter = session.config, session.run, session.reporter
+    config, run = session.config, session.run
     directory = run.factors_dir(strategy)
     want = session.factors_want(state, strategy)
     if directory.exists() and not overwrite:
