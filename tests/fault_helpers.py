@@ -50,6 +50,7 @@ def table_config(folder: Path, table: Path, runs: Path, name: str = "tiny", **se
         "data": {"source": "table", "path": str(table), "test_fraction": 0.25},
         "model": {"arch": "mlp", "hidden_sizes": [8]},
         "train": {"epochs": 20, "batch_size": 16, "lr": 0.01},
+        "influence": {"strategy": "ekfac"},  # the fault tests follow the ekfac pipeline's files
         "output": {"dir": str(runs)},
     }
     for key, value in sections.items():

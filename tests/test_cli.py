@@ -43,6 +43,8 @@ def table_config(tmp_path: Path, **extra: dict) -> dict:
         "data": {"source": "table", "path": "rows.csv", "test_fraction": 0.25},
         "model": {"arch": "mlp", "hidden_sizes": [8]},
         "train": {"epochs": 20, "batch_size": 16, "lr": 0.01},
+        # these tests exercise the ekfac pipeline (its paths and messages); auto: tests/test_defaults.py
+        "influence": {"strategy": "ekfac"},
         "output": {"dir": str(tmp_path / "runs")},
     }
     for key, value in extra.items():
@@ -136,7 +138,7 @@ def test_fit_factors_reuse_and_stale(tmp_path: Path) -> None:
 
 
 def test_self_influence_outputs(tmp_path: Path) -> None:
-    path = write_config(tmp_path, table_config(tmp_path))
+    path = write_config(tmp_path, table_config(tmp_path, audit={"score": "self_influence"}))
     out = tmp_path / "ranking.csv"
     result = invoke("self-influence", "-c", str(path), "--top", "5", "--out", str(out), "--strategy", "kfac")
     assert result.exit_code == 0, result.output
@@ -144,9 +146,9 @@ def test_self_influence_outputs(tmp_path: Path) -> None:
     table = pd.read_csv(run / "self_influence.csv", keep_default_na=False)
     assert list(table.columns) == [
         "rank", "index", "id", "label", "label_name", "predicted", "predicted_name",
-        "label_prob", "loss", "self_influence", "flagged", "suggested_label",
+        "label_prob", "loss", "self_influence", "flagged", "suggested_label", "score",
     ]
-    assert table["self_influence"].is_monotonic_decreasing
+    assert table["self_influence"].is_monotonic_decreasing and table["score"].equals(table["self_influence"])
     assert len(table) == 45 and sorted(table["index"]) == list(range(45))
     assert (table["self_influence"] >= 0).all()
     assert set(table["label_name"]) <= {"no", "yes"}

@@ -90,7 +90,7 @@ def test_verbose_prints_debug_lines(tmp_path: Path) -> None:
     path = one_example_class_config(tmp_path)
     result = runner.invoke(app, ["-v", "train", "-c", str(path)])
     assert result.exit_code == 0, result.output
-    assert f"debug: config {path}: run directory {tmp_path / 'runs' / 'one-c'}, strategy ekfac" in result.stderr.splitlines()
+    assert f"debug: config {path}: run directory {tmp_path / 'runs' / 'one-c'}, strategy auto" in result.stderr.splitlines()
     plain = runner.invoke(app, ["train", "-c", str(path)])
     assert "debug:" not in plain.stderr  # the level is reset for every invocation
 

@@ -23,6 +23,7 @@ CONFIG = {
     "model": {"arch": "mlp", "hidden_sizes": [5]},
     "train": {"epochs": 5, "batch_size": 16, "lr": 0.01},
     "influence": {"batch_size": 32},
+    "audit": {"score": "self_influence"},  # these tests check each solver's self-influence ranking
 }
 
 

@@ -29,7 +29,7 @@ def test_default_is_digits_mlp() -> None:
     cfg = load_config(None)
     assert cfg.name == DEFAULT_CONFIG == "digits-mlp"
     assert cfg.data.source == "digits"
-    assert cfg.influence.strategy == "ekfac"
+    assert cfg.influence.strategy == "auto"
 
 
 def test_all_errors_reported_at_once_with_dotted_paths(tmp_path: Path) -> None:
@@ -113,7 +113,8 @@ def test_strategy_checked_at_load_against_the_registry() -> None:
         assert config_from_dict({"name": "a", "influence": {"strategy": name}}).influence.strategy == name
     with pytest.raises(ConfigError) as info:
         config_from_dict({"name": "a", "influence": {"strategy": "ekfak"}}, label="exp.yaml")
-    names = ", ".join(available_strategies())
+    names = ", ".join(["auto", *available_strategies()])  # auto: resolved by app.choice
+    assert config_from_dict({"name": "a", "influence": {"strategy": "auto"}}).influence.strategy == "auto"
     assert info.value.problems == [
         f"exp.yaml: influence.strategy: unknown strategy 'ekfak' (did you mean ekfac?); use one of {names}"
     ]

@@ -115,7 +115,8 @@ def test_value_outside_the_range_is_refused_naming_the_key(key: str, value: Any)
         ("train.epochs", True, "train.epochs: true is a YAML boolean, not a number; write a number"),
         ("train.lr", float("inf"), "train.lr: inf is not a finite number; use a finite number"),
         ("audit.flag.k", float("nan"), "audit.flag.k: nan is not a finite number; use a finite number"),
-        ("influence.damping", float("inf"), "influence.damping: must be 'auto' or a number >= 0"),
+        ("influence.damping", float("inf"),
+         "influence.damping: must be 'auto' or a number >= 0, or 'tuned' (the factor infl evaluate --lds --tune-damping measured)"),
         ("influence.lissa.scale", True, "influence.lissa.scale: must be 'auto' or a number > 0"),
     ],
 )

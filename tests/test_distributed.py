@@ -34,7 +34,7 @@ CONFIG = {
     "data": {"source": "synthetic", "synthetic": {"num_train": 203, "num_test": 20, "shape": [12], "num_classes": 4}},
     "model": {"arch": "mlp", "hidden_sizes": [16]},
     "train": {"epochs": 3, "batch_size": 32},
-    "influence": {"batch_size": 32},
+    "influence": {"batch_size": 32, "strategy": "ekfac"},  # ekfac: the data-parallel strategy under test
 }
 
 
@@ -262,7 +262,8 @@ def test_out_of_memory_halves_the_batch_and_retries(single, monkeypatch):
     out = copy_model(single, "oom")
     shutil.copytree(single / "single" / "tiny-dist" / "factors", Path(out) / "tiny-dist" / "factors")
     reporter = Recorder()
-    config = load_config(str(single / "tiny.yaml"), [f"output.dir={out}"])
+    # audit.score self_influence: the plain self-influence loop is the one made to fail here
+    config = load_config(str(single / "tiny.yaml"), [f"output.dir={out}", "audit.score=self_influence"])
     result = run_self_influence(Session(config, reporter))
     assert sizes == [32, 16, 8]
     assert reporter.warnings == [
@@ -302,7 +303,7 @@ def test_torchrun_ensemble_and_exact_match_single_process(tmp_path):
     """Ensemble members and the dense solver under torchrun: each member's scores are
     gathered over the ranks; exact is fitted once on rank 0 and loaded by the others."""
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({**CONFIG, "influence": {"batch_size": 32, "ensemble": 2}}))
+    config.write_text(yaml.safe_dump({**CONFIG, "influence": {"batch_size": 32, "strategy": "ekfac", "ensemble": 2}}))
     env = dict(os.environ, PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     for strategy in ("ekfac", "exact"):

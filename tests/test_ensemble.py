@@ -33,7 +33,7 @@ def synthetic_config(tmp_path: Path, **influence) -> dict:
         "data": {"source": "synthetic", "synthetic": {"num_train": 90, "num_test": 20, "shape": [5], "num_classes": 3}},
         "model": {"arch": "mlp", "hidden_sizes": [6]},
         "train": {"epochs": 3, "batch_size": 16, "lr": 0.01},
-        "influence": {"batch_size": 32, **influence},
+        "influence": {"batch_size": 32, "strategy": "ekfac", **influence},  # compared with ekfac references
         "output": {"dir": str(tmp_path / "runs")},
     }
 

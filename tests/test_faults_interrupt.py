@@ -39,7 +39,7 @@ CONFIG = {
     "data": {"source": "synthetic", "synthetic": {"num_train": 300, "num_test": 40, "shape": [6], "num_classes": 3}},
     "model": {"arch": "factory", "factory": "fault_model:gated_mlp", "factory_path": str(TESTS)},
     "train": {"epochs": 3, "batch_size": 32, "device": "cpu"},
-    "influence": {"batch_size": 16, "device": "cpu"},
+    "influence": {"batch_size": 16, "device": "cpu", "strategy": "ekfac"},  # interrupts the ekfac passes
 }
 LDS_ARGS = ["evaluate", "--lds", "--subsets", "3", "--test-rows", "10", "-s", "ekfac"]
 

@@ -118,5 +118,6 @@ def test_command_in_a_terminal_starts_with_its_first_line(tmp_path: Path, term: 
     if term != "dumb":
         assert "\x1b[2K" in stderr  # progress bars were drawn and erased
     lines = screen(stderr)
-    assert lines[0].startswith("model: trained"), lines[:3]
+    assert lines[0].startswith("strategy: auto → exact"), lines[:3]  # said once, before any work
+    assert lines[1].startswith("model: trained"), lines[:3]
     assert_no_blank_lines_at_top(lines)

@@ -51,6 +51,7 @@ def table_config(folder: Path, **data: object) -> Path:
         "data": {"source": "table", "train_path": "train.csv", "test_path": "test.csv", "id_column": "key", **data},
         "model": {"arch": "mlp", "hidden_sizes": [8]},
         "train": {"epochs": 5, "batch_size": 16, "lr": 0.01},
+        "influence": {"strategy": "ekfac"},
         "output": {"dir": str(folder / "runs")},
     }
     path = folder / "exp.yaml"

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from influence_cli.app.choice import resolve_strategy
 from influence_cli.app.factors import shard_bounds
 from influence_cli.app.model import ensure_members
 from influence_cli.app.scores import members_pairwise, predict_queries
@@ -120,7 +121,7 @@ def run_score(
 
     from influence_cli.data.queries import read_query_rows
 
-    strategy = strategy or session.config.influence.strategy
+    strategy = resolve_strategy(session, strategy)
     start = time.perf_counter()
     csv_path = Path(csv_path)
     queries = read_query_rows(csv_path, session.config, session.data())

@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 import torch
 
+from influence_cli.app.choice import choice_meta
+from influence_cli.app.tuning import damping_settings
 from influence_cli.app.model import Member
 from influence_cli.app.session import ModelState, Session
 from influence_cli.config import Config
@@ -134,57 +136,63 @@ def ensure_factors(
     A ``--shard i/n`` session fits its block's sums of one pass instead and returns the
     shard file written (a ShardResult); `infl merge` turns the shards into factors.
     """
-    from influence_cli.engine import fit_factors, get_strategy, load_factors
+    from influence_cli.engine import get_strategy, load_factors
 
     if session.shard is not None:
         return fit_factors_shard(session, state, strategy)
-    config, run, reporter = session.config, session.run, session.reporter
+    config, run = session.config, session.run
     directory = run.factors_dir(strategy)
     want = session.factors_want(state, strategy)
     if directory.exists() and not overwrite:
         reused = stored_factors(session, directory, want, refit_stale=refit_stale)
         if reused is not None:
             return reused
-    device = influence_device(config)
     dist = session.dist
-    parallel = get_strategy(strategy).data_parallel
-    if not parallel and dist.active and not dist.is_main:
+    if not get_strategy(strategy).data_parallel and dist.active and not dist.is_main:
         # Strategies without data parallelism fit on the whole training set: rank 0 fits
         # once, the others load it.
         dist.barrier()
         return FactorsState(load_factors(directory), False, 0.0, directory)
-    bounds = shard_bounds(session) if parallel else (0, len(session.data().train))
     if config.model.arch == "hf":
         reporter.info(tracked_summary(state.model, config.influence.modules))
+    damping, factor = damping_settings(session, strategy, state.checkpoint_hash)
     start = time.perf_counter()
-
-    def fit(batch_size: int) -> Any:
-        with reporter.stages(bounds[1] - bounds[0]) as on_batch:
-            return fit_factors(
-                state.model,
-                train_loader(session, batch_size, bounds),
-                strategy,
-                fisher=config.influence.fisher,
-                modules=config.influence.modules,
-                device=device,
-                seed=session.model_seed,
-                on_batch=on_batch,
-                dist=dist if dist.active and parallel else None,
-                amp=config.influence.amp,
-                **fit_settings(session, state, strategy),
-            )
-
-    factors = with_batch_backoff(session, "fit-factors", fit)
+    factors = fit_in_memory(session, state, strategy, damping=damping, damping_factor=factor)
     seconds = time.perf_counter() - start
     if dist.is_main:
         run.ensure()
-        factors.save(directory, extra_meta={**want, "config_name": config.name, "fit_seconds": seconds})
+        extra = {**want, "config_name": config.name, "fit_seconds": seconds, **choice_meta(session, strategy)}
+        factors.save(directory, extra_meta=extra)
     else:
         factors.meta = {**factors._meta_dict(), **want}
     if dist.active:
         dist.barrier()
     state.model.cpu()
     return FactorsState(factors, False, seconds, directory)
+
+
+def fit_in_memory(session: Session, state: ModelState, strategy: str, *, damping: Any, damping_factor: Optional[float]) -> Any:
+    """Fit ``strategy`` on the session's training set with this damping, not stored
+    (``ensure_factors`` stores it; the damping tuner scores each grid point directly)."""
+    from influence_cli.engine import fit_factors, get_strategy
+
+    config, dist = session.config, session.dist
+    parallel = get_strategy(strategy).data_parallel
+    bounds = shard_bounds(session) if parallel else (0, len(session.data().train))
+    settings = dict(damping=damping, damping_factor=damping_factor, dtype=influence_dtype(config),
+                    damping_scope=config.influence.damping_scope, options=solver_options(config, strategy))
+
+    def fit(batch_size: int) -> Any:
+        with session.reporter.stages(bounds[1] - bounds[0]) as on_batch:
+            return fit_factors(
+                state.model, train_loader(session, batch_size, bounds), strategy,
+                fisher=config.influence.fisher, modules=config.influence.modules,
+                device=influence_device(config), seed=session.model_seed, on_batch=on_batch,
+                dist=dist if dist.active and parallel else None, amp=config.influence.amp,
+                **settings,
+            )
+
+    return with_batch_backoff(session, "fit-factors", fit)
 
 
 def solver_options(config: Config, strategy: str) -> Optional[dict[str, Any]]:
@@ -196,10 +204,9 @@ def fit_settings(session: Session, state: ModelState, strategy: str) -> dict[str
     """What turns curvature sums into factors (damping, dtype, the strategy's options): one
     set for a single fit and `infl merge`, so merged factors are the single fit's."""
     config = session.config
-    return dict(
-        damping=config.influence.damping, dtype=influence_dtype(config), damping_factor=config.influence.damping_factor,
-        damping_scope=config.influence.damping_scope, options=solver_options(config, strategy),
-    )
+    damping, factor = damping_settings(session, strategy, state.checkpoint_hash)  # damping: tuned → its factor
+    return dict(damping=damping, damping_factor=factor, dtype=influence_dtype(config),
+                damping_scope=config.influence.damping_scope, options=solver_options(config, strategy))
 
 
 def fit_factors_shard(session: Session, state: ModelState, strategy: str) -> Any:
@@ -247,6 +254,8 @@ def warn_solver_limits(session: Session, factors: Any, *, per_example: bool) -> 
 def members_factors(members: list[Member], strategy: str, command: str) -> list[FactorsState]:
     """Every member's valid factors (reused, or refitted when stale). A ``--shard`` job
     only uses stored ones: n jobs would fit them n times."""
+    for member in members[1:]:  # the members run the strategy member 0 resolved (and record why)
+        member.session.strategy_choice = member.session.strategy_choice or members[0].session.strategy_choice
     if members[0].session.shard is not None:
         return [
             FactorsState(existing_factors(m.session, m.state, strategy, command), True, 0.0, m.session.run.factors_dir(strategy))

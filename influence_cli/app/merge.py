@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from influence_cli.app.choice import resolve_strategy
 from influence_cli.app.explain import scores_target, write_score_table
 from influence_cli.app.factors import FactorsState, existing_factors, fit_settings
 from influence_cli.app.model import Member, ensure_model
@@ -66,11 +67,24 @@ def _merge_self_influence(session: Any, state: Any, strategy: str, n: int) -> di
     directory = session.run.shard_dir(f"self-influence-{strategy}")
     shards = read_shards(directory, want_meta(session, state, strategy), n, command="self-influence")
     scores = torch.cat([t["self_influence"] for _m, t in shards])
+    ranked = _ranked_scores(session, shards, directory)
     factors = existing_factors(session, state, strategy, "merge")
     fstate = FactorsState(factors, True, 0.0, session.run.factors_dir(strategy))
-    result = finish_self_influence(session, scores.double().numpy(), [Member(session, state)], [fstate], strategy, start)
+    result = finish_self_influence(session, scores.double().numpy(), [Member(session, state)], [fstate], strategy, start,
+                                   ranked)
     return {"stage": f"self-influence-{strategy}", "shards": len(shards), "result": result,
             "outputs": [session.run.self_influence_csv, session.run.mislabels_csv]}
+
+
+def _ranked_scores(session: Any, shards: list, directory: Path) -> Any:
+    """The ``audit.score`` values stored by the shards (None for self_influence)."""
+    score = session.config.audit.score
+    if score == "self_influence" or session.config.task == "regression":
+        return None
+    if any(score not in t for _m, t in shards):
+        raise ShardError(f"{directory}: the shards hold no {score} scores (audit.score); rerun "
+                         "`infl self-influence --shard i/n` for every i with this config")
+    return torch.cat([t[score] for _m, t in shards]).double().numpy()
 
 
 def _merge_score(session: Any, state: Any, stage: str, n: int) -> dict[str, Any]:
@@ -80,7 +94,7 @@ def _merge_score(session: Any, state: Any, stage: str, n: int) -> dict[str, Any]
     directory = session.run.shard_dir(stage)
     metas = sorted(directory.glob("*-of-*.json")) if directory.is_dir() else []
     first = read_json(metas[0]) if metas else None
-    strategy = (first or {}).get("strategy", session.config.influence.strategy)
+    strategy = (first or {}).get("strategy") or resolve_strategy(session)
     want = want_meta(session, state, strategy)
     if first:
         csv = Path(first.get("test_csv", ""))

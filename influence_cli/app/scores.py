@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from influence_cli.app.choice import resolve_strategy
 from influence_cli.app.factors import (
     FactorsState,
     influence_device,
@@ -47,6 +48,47 @@ def self_influence_scores(session: Session, model: nn.Module, factors: Any) -> t
     if session.shard is None and session.dist.active:
         scores = session.dist.gather_cat(scores)
     return scores
+
+
+def mislabel_terms_block(session: Session, model: nn.Module, factors: Any) -> dict[str, torch.Tensor]:
+    """The engine's mislabel terms (``engine.mislabel``) of the training set in index
+    order, this rank's block gathered over ranks (a --shard job: its block alone)."""
+    from influence_cli.engine.mislabel import mislabel_terms
+
+    config = session.config
+    bounds = shard_bounds(session)
+    device = influence_device(config)
+
+    def score(batch_size: int) -> dict[str, torch.Tensor]:
+        with session.reporter.stages(bounds[1] - bounds[0]) as on_batch:
+            return mislabel_terms(
+                model, factors, train_loader(session, batch_size, bounds), device=device,
+                on_batch=on_batch, amp=config.influence.amp,
+            )
+
+    terms = with_batch_backoff(session, "self-influence", score)
+    model.cpu()
+    if session.shard is None and session.dist.active:
+        terms = {name: session.dist.gather_cat(value.detach().cpu()) for name, value in terms.items()}
+    return terms
+
+
+def members_mislabel_scores(
+    members: list[Member], strategy: str, fstates: Optional[list[FactorsState]] = None
+) -> tuple[dict[str, np.ndarray], list[FactorsState]]:
+    """Every ``audit.score`` (``audit.scores.SCORES``) of every training example, float64,
+    averaged over the ensemble members (each member's scores use its own alternative label)."""
+    from influence_cli.audit.scores import mislabel_scores
+
+    fstates = fstates or members_factors(members, strategy, "self-influence")
+    total: dict[str, np.ndarray] = {}
+    for member, fstate in zip(members, fstates):
+        warn_solver_limits(member.session, fstate.factors, per_example=True)
+        terms = mislabel_terms_block(member.session, member.state.model, fstate.factors)
+        n = len(member.session.data().train)
+        scores = mislabel_scores({k: v.double().numpy() for k, v in terms.items()}, n)
+        total = scores if not total else {k: total[k] + v for k, v in scores.items()}
+    return {k: v / len(members) for k, v in total.items()}, fstates
 
 
 @dataclass
@@ -156,21 +198,28 @@ def run_self_influence(session: Session, strategy: Optional[str] = None) -> Any:
     A ``--shard i/n`` session scores its block with the stored factors and writes it as a
     shard file instead (a ShardResult; `infl merge` ranks the whole set).
     """
-    strategy = strategy or session.config.influence.strategy
+    strategy = resolve_strategy(session, strategy)
     start = time.perf_counter()
     members = ensure_members(session)
-    scores_np, fstates = members_self_influence(members, strategy)
+    if session.config.audit.score == "self_influence" or session.config.task == "regression":
+        scores_np, fstates = members_self_influence(members, strategy)
+        ranked, every = None, None
+    else:
+        every, fstates = members_mislabel_scores(members, strategy)
+        scores_np, ranked = every["self_influence"], every[session.config.audit.score]
     if session.shard is not None:
         from influence_cli.app.shards import write_self_influence_shard
 
-        return write_self_influence_shard(session, members[0].state, strategy, shard_bounds(session), scores_np)
-    return finish_self_influence(session, scores_np, members, fstates, strategy, start)
+        return write_self_influence_shard(session, members[0].state, strategy, shard_bounds(session), scores_np, every)
+    return finish_self_influence(session, scores_np, members, fstates, strategy, start, ranked)
 
 
 def finish_self_influence(
-    session: Session, scores: np.ndarray, members: list[Member], fstates: list[Any], strategy: str, start: float
+    session: Session, scores: np.ndarray, members: list[Member], fstates: list[Any], strategy: str, start: float,
+    ranked: Optional[np.ndarray] = None,
 ) -> SelfInfluenceResult:
-    """Rank, flag and write the CSVs (rank 0 only) from the self-influence of every example."""
+    """Rank, flag and write the CSVs (rank 0 only) from the self-influence of every example
+    and, when ``audit.score`` is another score, that score's values (``ranked``)."""
     from influence_cli.audit.ranking import build_ranking, class_summary
     from influence_cli.render.files import write_csv, write_json
 
@@ -187,7 +236,8 @@ def finish_self_influence(
         summary = regression_summary(table, data.class_names[0])
     else:
         table = build_ranking(
-            scores_np, data.train.labels.numpy(), probs, list(data.train.ids), list(data.class_names), config.audit.flag
+            scores_np, data.train.labels.numpy(), probs, list(data.train.ids), list(data.class_names), config.audit.flag,
+            score=ranked, score_name=config.audit.score if ranked is not None else "self_influence",
         )
         summary = class_summary(table, list(data.class_names))
     seconds = time.perf_counter() - start
@@ -195,6 +245,7 @@ def finish_self_influence(
     summary["run"] = {
         "name": config.name,
         "strategy": strategy,
+        "score": config.audit.score if ranked is not None else "self_influence",
         "examples": int(len(table)),
         "flagged": int(table["flagged"].sum()),
         "seconds": round(seconds, 3),

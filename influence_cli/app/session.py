@@ -67,6 +67,8 @@ class Session:
     datasets: Any = None
     member: int = 0
     dist: DistContext = field(default_factory=current)
+    # The resolved strategy and why (app.choice.resolve_strategy sets it; auto is said once).
+    strategy_choice: Any = None
     shard: Optional[Shard] = None
     # A model the caller already holds (the Python API): used as it is, never trained.
     model_state: Optional["ModelState"] = None
@@ -96,7 +98,9 @@ class Session:
         return self.data().fingerprint("train")
 
     def influence_hash(self, strategy: str) -> str:
-        return influence_hash(self.config, strategy, self.data_fingerprint())
+        from influence_cli.app.tuning import hashed_config  # damping: tuned hashes the tuned factor
+
+        return influence_hash(hashed_config(self, strategy), strategy, self.data_fingerprint())
 
     def factors_want(self, state: "ModelState", strategy: str) -> dict[str, Any]:
         """What stored factors must have been fitted for: this checkpoint, settings and data."""

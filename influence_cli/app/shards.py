@@ -111,13 +111,15 @@ def write_factors_shard(
 
 
 def write_self_influence_shard(
-    session: Any, state: Any, strategy: str, bounds: tuple[int, int], scores: Any
+    session: Any, state: Any, strategy: str, bounds: tuple[int, int], scores: Any, others: Optional[dict] = None
 ) -> ShardResult:
-    """The block's self-influence (float64, in training order)."""
+    """The block's self-influence (float64, in training order) and, when audit.score is
+    another score, every ``audit.scores`` value (``others``) for `infl merge` to rank by."""
     stage = f"self-influence-{strategy}"
     meta = base_meta(session, state, strategy, stage, "self-influence", bounds)
-    values = torch.as_tensor(scores, dtype=torch.float64)
-    return ShardResult(_write(session, stage, {"self_influence": values}, meta))
+    tensors = {name: torch.as_tensor(v, dtype=torch.float64) for name, v in (others or {}).items()}
+    tensors["self_influence"] = torch.as_tensor(scores, dtype=torch.float64)
+    return ShardResult(_write(session, stage, tensors, meta))
 
 
 def write_score_shard(

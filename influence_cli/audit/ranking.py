@@ -63,6 +63,7 @@ SELF_INFLUENCE_COLUMNS = [
     "self_influence",
     "flagged",
     "suggested_label",
+    "score",
 ]
 
 #: Consistency constant: 1.4826 · MAD estimates σ for normally distributed data.
@@ -78,15 +79,16 @@ TOP_PAIRS = 10
 # ----------------------------------------------------------------------------- flagging
 
 
-def robust_z(self_influence: np.ndarray) -> np.ndarray:
-    """Robust z-score of log self-influence, as used by ``rule: mad`` (training order).
+def robust_z(self_influence: np.ndarray, log_scale: bool = True) -> np.ndarray:
+    """Robust z-score of log self-influence, as used by ``rule: mad`` (training order);
+    ``log_scale=False`` for scores that can be negative (margins): the values themselves.
 
     Returns zeros when every score is the same (no spread to measure against).
     """
     s = np.asarray(self_influence, dtype=np.float64).reshape(-1)
     if s.size == 0:
         return np.zeros(0, dtype=np.float64)
-    x = np.log(np.maximum(s, TINY))
+    x = np.log(np.maximum(s, TINY)) if log_scale else s
     m = float(np.median(x))
     deviation = np.abs(x - m)
     scale = MAD_SCALE * float(np.median(deviation))
@@ -117,10 +119,12 @@ def flag_mask(
     labels: np.ndarray,
     predicted: np.ndarray,
     flag: Optional[FlagConfig] = None,
+    log_scale: bool = True,
 ) -> np.ndarray:
     """Boolean mask of flagged examples, in training order (see the module docstring).
 
-    ``predicted`` is the model's argmax class per example.
+    ``predicted`` is the model's argmax class per example. ``self_influence`` may be any
+    ``audit.score`` (``log_scale=False`` for those that can be negative).
     """
     flag = flag or FlagConfig()
     s = np.asarray(self_influence, dtype=np.float64).reshape(-1)
@@ -133,7 +137,7 @@ def flag_mask(
         )
     _check_finite(s)
     if flag.rule == "mad":
-        candidate = robust_z(s) > flag.k
+        candidate = robust_z(s, log_scale) > flag.k
     elif flag.rule == "top_fraction":
         candidate = np.zeros(n, dtype=bool)
         candidate[ranking_order(s)[: top_count(flag.fraction, n)]] = True
@@ -154,11 +158,15 @@ def build_ranking(
     ids: Sequence[Any],
     class_names: Sequence[str],
     flag: Optional[FlagConfig] = None,
+    score: Optional[np.ndarray] = None,
+    score_name: str = "self_influence",
 ) -> pd.DataFrame:
     """One row per training example with :data:`SELF_INFLUENCE_COLUMNS`, sorted by rank.
 
     ``probs`` is the (N, K) softmax output of the model for the training set, ``labels``
     the given labels, ``ids`` the stable example ids, ``class_names`` the K class names.
+    ``score`` (default: the self-influence) is the ``audit.score`` named ``score_name``
+    that orders the rows and picks the flag candidates; it is the ``score`` column.
     """
     flag = flag or FlagConfig()
     s = np.asarray(self_influence, dtype=np.float64).reshape(-1)
@@ -190,6 +198,10 @@ def build_ranking(
             f"model's {k} classes (0..{k - 1})"
         )
     _check_finite(s)
+    ranked = s if score is None else np.asarray(score, dtype=np.float64).reshape(-1)
+    if ranked.size != n:
+        raise ValueError(f"build_ranking: expected {n} scores, got {ranked.size}")
+    _check_finite(ranked)
     if not np.all(np.isfinite(probs)):
         count = int((~np.isfinite(probs)).any(axis=1).sum())
         raise InfluenceError(
@@ -201,14 +213,16 @@ def build_ranking(
     label_prob = np.clip(probs[np.arange(n), labels], 0.0, 1.0) if n else np.zeros(0)
     loss = -np.log(np.maximum(label_prob, TINY))
     loss = np.maximum(loss, 0.0)  # -log(1) may round to -0.0
-    flagged = flag_mask(s, labels, predicted, flag)
+    from influence_cli.audit.scores import LOG_SCALE
+
+    flagged = flag_mask(ranked, labels, predicted, flag, log_scale=score_name in LOG_SCALE)
 
     names = np.array(class_names, dtype=object)
     label_name = names[labels] if n else np.array([], dtype=object)
     predicted_name = names[predicted] if n else np.array([], dtype=object)
     suggested = np.where(flagged, predicted_name, "") if n else np.array([], dtype=object)
 
-    order = ranking_order(s)
+    order = ranking_order(ranked)
     frame = pd.DataFrame(
         {
             "rank": np.arange(1, n + 1, dtype=np.int64),
@@ -223,6 +237,7 @@ def build_ranking(
             "self_influence": s[order],
             "flagged": flagged[order].astype(bool),
             "suggested_label": pd.Series(suggested[order], dtype=object),
+            "score": ranked[order],
         },
         columns=SELF_INFLUENCE_COLUMNS,
     )

@@ -25,7 +25,8 @@ def strategy_help() -> str:
         f"{name}: {cls.description}" + (f", settings in influence.{name}" if cls.options_type else "")
         for name, cls in STRATEGIES.items()
     )
-    return f"How (H + λI)⁻¹ is approximated (default: influence.strategy) — {choices}."
+    return (f"How (H + λI)⁻¹ is approximated (default: influence.strategy, auto = exact up to "
+            f"influence.exact.max_params tracked parameters, else ekfac) — {choices}.")
 
 
 def slow_strategy_names() -> str:
@@ -103,8 +104,8 @@ def say_shard_written(what: str, result: Any) -> None:
 
 
 def check_strategy(strategy: Optional[str]) -> Optional[str]:
-    if strategy is None:
-        return None
+    if strategy is None or strategy == "auto":  # auto: resolved by app.choice.resolve_strategy
+        return strategy
     from influence_cli.engine import strategy_names
 
     names = strategy_names()

@@ -11,6 +11,7 @@ from influence_cli.commands import command
 from influence_cli.commands.common import (
     SLOW_STRATEGIES, ConfigOption, SetOption, check_choice, check_strategy, open_session,
 )
+from influence_cli.errors import InflError
 from influence_cli.terminal import err
 
 
@@ -30,6 +31,14 @@ def evaluate(
     seeds: int = typer.Option(1, "--seeds", min=1, help="LDS: retrainings per subset (averaged)."),
     test_rows: int = typer.Option(100, "--test-rows", min=1, help="LDS: the first N rows of the test split."),
     measurement: str = typer.Option("loss", "--measurement", "-m", help="LDS: loss or margin."),
+    tune_damping: bool = typer.Option(
+        False, "--tune-damping",
+        help="Score each damping factor of --grid on a cheap held-out LDS (--tune-subsets retrainings, the last "
+        "--test-rows test rows), write the best to runs/<name>/damping.json and use it wherever influence.damping: "
+        "tuned. Tunes the one -s strategy, else influence.strategy.",
+    ),
+    grid: str = typer.Option("0.01,0.03,0.1,0.3,1,3,10", "--grid", help="--tune-damping: comma-separated damping factors."),
+    tune_subsets: int = typer.Option(20, "--tune-subsets", min=2, help="--tune-damping: LDS retrainings (cached)."),
     strategies: Optional[List[str]] = typer.Option(
         None, "--strategy", "-s", metavar="NAME",
         help=f"Strategy to evaluate (repeatable; default: every registered strategy not marked slow; slow, so only when named: {SLOW_STRATEGIES}).",
@@ -48,9 +57,10 @@ def evaluate(
     check_choice("--measurement", measurement, ("loss", "margin"))
     for name in strategies or []:
         check_strategy(name)
+    tune = _tune_settings(grid, tune_subsets, strategies) if tune_damping else None
     session = open_session(config, set_)
     start = time.perf_counter()
-    settings = dict(noise=noise, noise_kind=kind, lds=lds, subsets=subsets, fraction=fraction, seeds=seeds)
+    settings = dict(noise=noise, noise_kind=kind, lds=lds, subsets=subsets, fraction=fraction, seeds=seeds, tune=tune)
     run_evaluate(
         session.config,
         **settings,
@@ -61,3 +71,16 @@ def evaluate(
         on_result=lambda part, result: render_evaluation(part, result, err),
     )
     err.print(f"evaluation finished in {time.perf_counter() - start:.1f} s", highlight=False)
+
+
+def _tune_settings(grid: str, subsets: int, strategies: Optional[List[str]]) -> dict:
+    """--tune-damping's arguments: the parsed grid, the retrainings and the one strategy."""
+    try:
+        factors = [float(part) for part in grid.split(",") if part.strip()]
+    except ValueError:
+        raise InflError(f"--grid: '{grid}' is not a comma-separated list of numbers (e.g. 0.1,1,10)") from None
+    if not factors or any(not f > 0 for f in factors):
+        raise InflError(f"--grid: '{grid}': give damping factors > 0 (e.g. 0.1,1,10)")
+    if strategies and len(set(strategies)) > 1:
+        raise InflError("--tune-damping tunes one strategy; give at most one -s (default: influence.strategy)")
+    return {"grid": factors, "subsets": subsets, "strategy": strategies[0] if strategies else None}

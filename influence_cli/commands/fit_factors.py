@@ -31,8 +31,9 @@ def fit_factors_command(
     from influence_cli.app import ensure_factors, ensure_model
 
     session = open_session(config, set_, shard)
-    strategy = check_strategy(strategy) or session.config.influence.strategy
-    check_strategy(strategy)
+    from influence_cli.app.choice import resolve_strategy
+
+    strategy = resolve_strategy(session, check_strategy(strategy))
     if session.shard is not None:
         from influence_cli.app.shards import require_shardable
 

@@ -28,11 +28,13 @@ def self_influence_command(
     strategy: Optional[str] = StrategyOption,
     shard: Optional[str] = ShardOption,
 ) -> None:
-    """Rank training examples by self-influence and flag likely mislabels.
+    """Rank training examples by audit.score and flag likely mislabels.
 
     Writes runs/<name>/self_influence.csv (all examples, highest first), mislabels.csv
     (flagged rows) and summary.json, and prints the top rows. Self-influence is
-    g_iᵀ(H + λI)⁻¹g_i ≥ 0: how much the model had to bend to fit example i.
+    g_iᵀ(H + λI)⁻¹g_i ≥ 0: how much the model had to bend to fit example i; the default
+    audit.score, loo_margin, is the log-odds of the model's best other class over the given
+    label had example i been left out (README: Mislabel scores).
     """
     from influence_cli.app import run_self_influence
     from influence_cli.render.files import write_csv
@@ -50,7 +52,9 @@ def self_influence_command(
         return
     cfg = session.config
     err.print(model_line(result.model_state), highlight=False)
-    title = f"{cfg.name}: most self-influential training examples ({result.summary['run']['strategy']})"
+    run = result.summary["run"]
+    ranked_by = "most self-influential" if run["score"] == "self_influence" else f"most suspicious by {run['score']}"
+    title = f"{cfg.name}: {ranked_by} training examples ({run['strategy']})"
     render_self_influence_table(result.table, top or cfg.audit.top, err, title, regression=cfg.task == "regression")
     render_class_summary(result.summary, err)
     run_info = result.summary["run"]

@@ -216,8 +216,13 @@ class TrainConfig(_Strict):
 
 
 class InfluenceConfig(_Strict):
-    strategy: str = "ekfac"
-    damping: Union[float, str] = Field("auto", description="'auto' (damping_factor x the mean curvature eigenvalue) or a number")
+    strategy: str = Field(
+        "auto", description="auto (exact up to influence.exact.max_params tracked parameters, else ekfac) or a strategy name"
+    )
+    damping: Union[float, str] = Field(
+        "auto", description="'auto' (damping_factor x the mean curvature eigenvalue), 'tuned' (the factor "
+        "`infl evaluate --lds --tune-damping` measured best, runs/<name>/damping.json) or a number"
+    )
     damping_factor: Optional[Float] = Field(
         None, gt=0.0,
         description="damping: auto = this factor x the mean curvature eigenvalue; null = the strategy's measured "
@@ -247,16 +252,17 @@ class InfluenceConfig(_Strict):
     @field_validator("damping", mode="before")
     @classmethod
     def _damping(cls, value: Any) -> Union[str, float]:
-        if value == "auto":
+        if value in ("auto", "tuned"):
             return value
+        wrong = "must be 'auto' or a number >= 0, or 'tuned' (the factor infl evaluate --lds --tune-damping measured)"
         if isinstance(value, bool):
-            raise ValueError("must be 'auto' or a number >= 0")
+            raise ValueError(wrong)
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ValueError("must be 'auto' or a number >= 0") from None
+            raise ValueError(wrong) from None
         if not 0 <= number < float("inf"):  # also refuses nan
-            raise ValueError("must be 'auto' or a number >= 0")
+            raise ValueError(wrong)
         return number
 
     @field_validator("device")
@@ -269,7 +275,7 @@ class InfluenceConfig(_Strict):
     def _strategy(cls, value: str) -> str:
         from influence_cli.engine import strategy_names
 
-        names = list(strategy_names())
+        names = ["auto", *strategy_names()]
         if value not in names:
             import difflib
 
@@ -329,6 +335,9 @@ class CheckConfig(_Strict):
 
 class AuditConfig(_Strict):
     top: Int = Field(20, ge=1)
+    score: Literal["self_influence", "loss", "margin", "loo_loss", "relabel_gain", "loo_margin"] = Field(
+        "loo_margin", description="what ranks and flags the suspects (README: Mislabel scores); self_influence is always in the CSV"
+    )
     flag: FlagConfig = Field(default_factory=FlagConfig)
     check: CheckConfig = Field(default_factory=CheckConfig)
 

@@ -192,10 +192,11 @@ class ActivationCapture:
                     return True
         return False
 
-    def gradients(self, loss: Tensor) -> dict[str, LayerBatch]:
+    def gradients(self, loss: Tensor, retain_graph: bool = False) -> dict[str, LayerBatch]:
         """Differentiate ``loss`` w.r.t. the recorded outputs only; build (a, g) per layer.
 
-        Frees the recorded graph. Weight gradients are never computed.
+        Frees the recorded graph unless ``retain_graph`` (then another objective of the
+        same forward pass may follow). Weight gradients are never computed.
         """
         names: list[str] = []
         outputs: list[Tensor] = []
@@ -203,9 +204,10 @@ class ActivationCapture:
             for call in calls:
                 names.append(name)
                 outputs.append(call.output)
-        grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+        grads = torch.autograd.grad(loss, outputs, allow_unused=True, retain_graph=retain_graph)
         calls_by_name = self._calls
-        self._calls = {}
+        if not retain_graph:
+            self._calls = {}
         result: dict[str, LayerBatch] = {}
         index = 0
         with torch.no_grad():

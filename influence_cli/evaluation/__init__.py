@@ -6,6 +6,8 @@
 - :func:`evaluate_lds` (``infl evaluate --lds``): the linear datamodeling score — rank
   correlation between influence-predicted and actually retrained test losses over random
   training subsets.
+- :func:`.tuning.tune_damping` (``infl evaluate --tune-damping``): held-out LDS per damping
+  factor of a small grid; the best goes to ``runs/<name>/damping.json`` (``damping: tuned``).
 - :mod:`.metrics`: AUROC, average precision, precision@k, recall@fraction, Spearman.
 
 :func:`run_evaluate` runs either or both (what ``infl evaluate`` does, its one entry
@@ -51,15 +53,23 @@ def run_evaluate(
     strategies: Optional[Iterable[str]] = None,
     reporter: Any = None,
     on_result: Optional[Callable[[str, dict[str, Any]], None]] = None,
+    tune: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """``infl evaluate``: noise detection when ``noise`` is given, LDS when ``lds``; with
     neither, noise detection at 0.1. Calls ``on_result(part, result)`` as each part
     finishes (the CLI draws its table there) and returns
     ``{"noise_detection": {...}, "lds": {...}}`` (only the parts that ran)."""
     strategies = list(strategies) if strategies is not None else None
-    if noise is None and not lds:
+    if noise is None and not lds and tune is None:
         noise = 0.1
     out: dict[str, Any] = {}
+    if tune is not None:  # first, so that --lds with damping: tuned already sees the new factor
+        from .tuning import tune_damping
+
+        out["damping_tuning"] = tune_damping(config, fraction=fraction, test_rows=test_rows, measurement=measurement,
+                                             reporter=reporter, **tune)
+        if on_result is not None:
+            on_result("damping_tuning", out["damping_tuning"])
     if noise is not None:
         out["noise_detection"] = evaluate_noise_detection(
             config, fraction=noise, kind=noise_kind, strategies=strategies, reporter=reporter

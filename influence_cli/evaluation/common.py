@@ -32,6 +32,18 @@ def resolve_strategies(strategies: Optional[Iterable[str]]) -> list[str]:
     return names
 
 
+def resolve_auto(session: Any, names: list[str]) -> list[str]:
+    """``names`` with ``auto`` replaced by the strategy it resolves to (duplicates dropped)."""
+    from influence_cli.app.choice import AUTO, resolve_strategy
+
+    out: list[str] = []
+    for name in names:
+        name = resolve_strategy(session, name) if name == AUTO else name
+        if name not in out:
+            out.append(name)
+    return out
+
+
 @dataclass
 class TimedFactors:
     state: Any  # the pipeline's FactorsState (its .factors), scored without loading again

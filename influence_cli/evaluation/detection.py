@@ -44,6 +44,7 @@ from .common import (
     clean_number,
     derived_config,
     json_safe,
+    resolve_auto,
     resolve_strategies,
     rounded_entry,
     score_strategies,
@@ -70,7 +71,9 @@ METRIC_KEYS = (
     "recall_at_10pct",
     "recall_at_20pct",
 )
-BASELINES = ("loss", "gradient_norm")
+BASELINES = ("loss", "margin", "gradient_norm")
+# The audit.score rankings that depend on the curvature (evaluated for every strategy).
+STRATEGY_SCORES = ("self_influence", "loo_loss", "relabel_gain", "loo_margin")
 NOISE_KINDS = ("uniform", "class_conditional")
 
 
@@ -115,6 +118,25 @@ def per_example_loss(model: torch.nn.Module, dataset: Any, batch_size: int = 512
     for x, y, _idx in BatchLoader(dataset, batch_size):
         logits = forward_logits(model, x.to(device)).double()
         out.append(F.cross_entropy(logits, y.to(device), reduction="none").cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def per_example_margin(model: torch.nn.Module, dataset: Any, batch_size: int = 512) -> np.ndarray:
+    """log p(y'|x) − log p(y|x) = z_y' − z_y for the most probable other class y' (float64):
+    the ``margin`` score of ``audit.scores``, > 0 where the model prefers another class."""
+    from influence_cli.engine.mislabel import alternative_labels
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for x, y, _idx in BatchLoader(dataset, batch_size):
+        logits, y = model(x.to(device)).double(), y.to(device)
+        other = alternative_labels(logits, y)
+        rows = torch.arange(len(y), device=device)
+        out.append((logits[rows, other] - logits[rows, y]).cpu())
     model.train(was_training)
     return torch.cat(out).numpy()
 
@@ -165,18 +187,23 @@ def evaluate_noise_detection(
     reporter = reporter or Reporter()
     total = Stopwatch()
     session = _noisy_session(config, fraction, kind, reporter)
+    names = resolve_auto(session, names)
     data = session.data()
     flipped = data.noise.flipped.numpy().astype(bool)
     members = ensure_members(session)
     columns: dict[str, np.ndarray] = {}
     rankings: dict[str, dict[str, Any]] = {}
     for outcome in score_strategies(members, names, _self_influence(members), reporter):
-        rankings[outcome.name] = _strategy_ranking(outcome, flipped, columns)
+        rankings.update(_strategy_rankings(outcome, flipped, columns))
     rankings.update(_baselines(members, data.train, flipped, columns, rankings))
+    default = _default_ranking(session, members, names, flipped, columns, rankings, reporter)
+    order = {"strategy": 0, "score": 1, "baseline": 2}
+    rankings = dict(sorted(rankings.items(), key=lambda item: order.get(item[1].get("type"), 3)))
     run = session.run
     run.ensure()
     predicted = _write_scores_csv(run.root / "evaluation_scores.csv", members, data, columns)
     result = _detection_result(config, session, members, predicted, names, rankings)
+    result["default"] = rounded_entry(default, METRIC_KEYS)
     result["seconds"] = clean_number(total(), 3)
     result = json_safe(result)
     if session.dist.is_main:
@@ -185,19 +212,50 @@ def evaluate_noise_detection(
 
 
 def _self_influence(members: list) -> Any:
+    from influence_cli.app.scores import members_mislabel_scores
+
+    return lambda name, fstates: members_mislabel_scores(members, name, fstates=fstates)[0]
+
+
+def _plain_self_influence(members: list) -> Any:
     from influence_cli.app import members_self_influence
 
     return lambda name, fstates: members_self_influence(members, name, fstates=fstates)[0]
 
 
-def _strategy_ranking(outcome: Any, flipped: np.ndarray, columns: dict[str, np.ndarray]) -> dict[str, Any]:
-    """A strategy's rankings entry (its self-influence joins ``columns``)."""
+def _strategy_rankings(outcome: Any, flipped: np.ndarray, columns: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """A strategy's rankings entries: its self-influence under its own name and every other
+    curvature-dependent ``audit.score`` as ``<strategy>:<score>`` (all join ``columns``)."""
+    name = outcome.name
     if outcome.skipped is not None:
-        return {"type": "strategy", "skipped": outcome.skipped}
-    if not np.all(np.isfinite(outcome.value)):
-        return {"type": "strategy", "skipped": "non-finite self-influence (raise influence.damping)"}
-    columns[outcome.name] = outcome.value
-    return {"type": "strategy", **detection_metrics(outcome.value, flipped), **outcome.timings()}
+        return {name: {"type": "strategy", "skipped": outcome.skipped}}
+    if not all(np.all(np.isfinite(v)) for v in outcome.value.values()):
+        return {name: {"type": "strategy", "skipped": "non-finite self-influence (raise influence.damping)"}}
+    out = {}
+    for score in STRATEGY_SCORES:
+        key = name if score == "self_influence" else f"{name}:{score}"
+        values = outcome.value[score]
+        columns[key] = values
+        kind = {"type": "strategy"} if score == "self_influence" else {"type": "score", "strategy": name, "score": score}
+        out[key] = {**kind, **detection_metrics(values, flipped), **outcome.timings()}
+    return out
+
+
+def _default_ranking(session: Any, members: list, names: list[str], flipped: np.ndarray,
+                     columns: dict[str, np.ndarray], rankings: dict[str, dict[str, Any]], reporter: Reporter) -> dict[str, Any]:
+    """The ranking the audit commands flag by (``influence.strategy`` resolved, ``audit.score``):
+    which entry of ``rankings`` it is, scored now when that strategy was not evaluated."""
+    from influence_cli.app.choice import resolve_strategy
+
+    strategy, score = resolve_strategy(session), session.config.audit.score
+    key = score if score in BASELINES else (strategy if score == "self_influence" else f"{strategy}:{score}")
+    if key not in rankings:
+        outcome = score_strategy(members, strategy, _self_influence(members), reporter)
+        rankings.update(_strategy_rankings(outcome, flipped, columns))
+    entry = rankings.get(key) or rankings[strategy]
+    choice = session.strategy_choice
+    return {"strategy": strategy, "score": score, "ranking": key, "strategy_reason": choice.reason if choice else None,
+            **{k: entry.get(k) for k in ("skipped", *METRIC_KEYS) if k in entry}}
 
 
 def _baselines(members: list, train: Any, flipped: np.ndarray, columns: dict[str, np.ndarray],
@@ -208,13 +266,17 @@ def _baselines(members: list, train: Any, flipped: np.ndarray, columns: dict[str
     losses = sum(per_example_loss(m.state.model, train) for m in members) / len(members)
     out = {"loss": {"type": "baseline", **detection_metrics(losses, flipped), "seconds": watch()}}
     columns["loss"] = losses
+    watch = Stopwatch()
+    margins = sum(per_example_margin(m.state.model, train) for m in members) / len(members)
+    out["margin"] = {"type": "baseline", **detection_metrics(margins, flipped), "seconds": watch()}
+    columns["margin"] = margins
     # Baseline 2: ‖g_i‖² of the tracked layers = self-influence with the identity strategy.
     identity = gradient_norm_strategy()
     if identity in columns:
         same = rankings[identity]
         values, metrics, seconds = columns[identity], {key: same[key] for key in METRIC_KEYS}, same["score_seconds"]
     else:
-        outcome = score_strategy(members, identity, _self_influence(members), Reporter())
+        outcome = score_strategy(members, identity, _plain_self_influence(members), Reporter())
         if outcome.skipped is not None:
             out["gradient_norm"] = {"type": "baseline", "skipped": outcome.skipped}
             return out

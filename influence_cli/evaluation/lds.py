@@ -48,7 +48,7 @@ from influence_cli.errors import InflError
 from influence_cli.progress import Reporter
 from influence_cli.run import atomic_write_json, training_hash
 
-from .common import Stopwatch, clean_number, json_safe, resolve_strategies, rounded_entry, score_strategies
+from .common import Stopwatch, clean_number, json_safe, resolve_auto, resolve_strategies, rounded_entry, score_strategies
 from .metrics import spearman
 from .retraining import RetrainingPlan, Retrained, measure, retrain_seed, run_retrainings, subset_indices
 
@@ -105,8 +105,11 @@ def _check_arguments(subsets: int, fraction: float, seeds: int, test_rows: int, 
         raise InflError(f"evaluate --lds: test_rows must be at least 1, not {test_rows}")
 
 
-def _plan(session: Any, *, subsets: int, fraction: float, seeds: int, test_rows: int, measurement: str) -> RetrainingPlan:
-    """The subsets, test rows and cache of this run (steps 2–4 of the recipe)."""
+def _plan(session: Any, *, subsets: int, fraction: float, seeds: int, test_rows: int, measurement: str,
+          last_rows: bool = False) -> RetrainingPlan:
+    """The subsets, test rows and cache of this run (steps 2–4 of the recipe); ``last_rows``
+    takes the last rows of the test split instead of the first (the damping tuner's
+    held-out rows)."""
     from influence_cli.data.fingerprint import fingerprint_split
 
     config, data = session.config, session.data()
@@ -117,8 +120,9 @@ def _plan(session: Any, *, subsets: int, fraction: float, seeds: int, test_rows:
     t_count = min(int(test_rows), len(data.test))
     if t_count < 1:
         raise InflError("evaluate --lds: the test split is empty")
-    test_x, test_y = data.test.inputs[:t_count], data.test.labels[:t_count]
-    test_ids = list(data.test.ids[:t_count])
+    rows = slice(len(data.test) - t_count, len(data.test)) if last_rows else slice(0, t_count)
+    test_x, test_y = data.test.inputs[rows], data.test.labels[rows]
+    test_ids = list(data.test.ids[rows])
     return RetrainingPlan(
         config=config, data=data, subsets=subsets, fraction=float(fraction), seeds=seeds, size=size, measurement=measurement,
         test_x=test_x, test_y=test_y, test_ids=test_ids, cache_dir=session.run.root / "lds",
@@ -152,6 +156,7 @@ def evaluate_lds(
     total = Stopwatch()
     session = Session(config, reporter)
     session.data()
+    names = resolve_auto(session, names)
     members = ensure_members(session)
     plan = _plan(session, subsets=subsets, fraction=fraction, seeds=seeds, test_rows=test_rows, measurement=measurement)
     retrained = run_retrainings(plan, session.dist, reporter)

@@ -13,7 +13,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-__all__ = ["fmt", "fmt_seconds", "render_detection_table", "render_lds_table", "render_evaluation"]
+__all__ = ["fmt", "fmt_seconds", "render_detection_table", "render_lds_table", "render_tuning_table", "render_evaluation"]
 
 _DETECTION_COLUMNS = (
     ("AUROC", "auroc"),
@@ -47,8 +47,31 @@ def fmt_seconds(value: Any) -> str:
 
 
 def render_evaluation(part: str, result: dict[str, Any], console: Any) -> None:
-    """One part of ``run_evaluate``'s result: "noise_detection" or "lds"."""
-    {"noise_detection": render_detection_table, "lds": render_lds_table}[part](result, console)
+    """One part of ``run_evaluate``'s result: "noise_detection", "lds" or "damping_tuning"."""
+    renderers = {"noise_detection": render_detection_table, "lds": render_lds_table, "damping_tuning": render_tuning_table}
+    renderers[part](result, console)
+
+
+def render_tuning_table(result: dict[str, Any], console: Any) -> None:
+    """The damping grid: held-out LDS per factor, the best marked."""
+    title = (
+        f"Damping tuning — {result['config']}, {result['strategy']}: LDS on the last {result['test_rows']} test rows, "
+        f"{result['subsets']} subsets"
+    )
+    table = Table(title=title, box=box.SIMPLE_HEAD, header_style="bold", title_style="bold")
+    for header in ("damping_factor", "LDS (mean)", "± stderr", "rows", "time"):
+        table.add_column(header, justify="right")
+    for point in result["grid"]:
+        best = point["damping_factor"] == result["best_factor"]
+        cells = [f"{point['damping_factor']:g}", fmt(point.get("mean")), fmt(point.get("stderr")),
+                 str(point.get("rows", "—")), fmt_seconds(point.get("seconds"))]
+        table.add_row(*cells, style="bold" if best else None)
+    console.print(table)
+    console.print(
+        f"best: damping_factor {result['best_factor']:g} (LDS {fmt(result['best_lds'])}) → {escape(result['file'])}; "
+        "used by every command with influence.damping: tuned",
+        highlight=False,
+    )
 
 
 def _print_skipped(skipped: list[tuple[str, Any]], console: Any) -> None:
@@ -96,6 +119,15 @@ def render_detection_table(result: dict[str, Any], console: Any) -> None:
         )
     for note in notes:
         console.print(escape(note), highlight=False)
+    default, loss = result.get("default"), result["rankings"].get("loss", {})
+    if default and "average_precision" in default:
+        verdict = "≥" if (default["average_precision"] or 0) >= (loss.get("average_precision") or 0) else "<"
+        console.print(
+            f"default flag ranking: {escape(default['ranking'])} (strategy {escape(default['strategy'])}, audit.score "
+            f"{escape(default['score'])}): AP {fmt(default['average_precision'])} {verdict} training loss AP "
+            f"{fmt(loss.get('average_precision'))}",
+            highlight=False,
+        )
     _print_skipped(skipped, console)
 
 

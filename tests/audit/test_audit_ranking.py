@@ -50,7 +50,7 @@ def reference_mad_mask(s, labels, predicted, k, require_disagreement):
 def test_columns_exact_and_in_order():
     expected = [
         "rank", "index", "id", "label", "label_name", "predicted", "predicted_name",
-        "label_prob", "loss", "self_influence", "flagged", "suggested_label",
+        "label_prob", "loss", "self_influence", "flagged", "suggested_label", "score",
     ]
     assert SELF_INFLUENCE_COLUMNS == expected
     s = np.array([0.5, 2.0, 1.0])
@@ -317,3 +317,19 @@ def test_class_summary_json_round_trip(tmp_path):
     path = write_json(summary, tmp_path / "summary.json")
     assert json.loads(path.read_text(encoding="utf-8")) == summary
     assert "\n  " in path.read_text(encoding="utf-8")  # indented
+
+
+def test_another_score_orders_and_flags_on_its_own_scale():
+    # the self-influence says nothing here; the score (a margin: negative values allowed) decides
+    n = 40
+    s = np.full(n, 1.0)
+    score = np.linspace(-5.0, -1.0, n)
+    score[7] = 6.0
+    labels = np.zeros(n, dtype=int)
+    probs = probs_predicting(np.where(np.arange(n) == 7, 1, 0), 3)
+    df = build_ranking(s, labels, probs, [str(i) for i in range(n)], NAMES3, score=score, score_name="loo_margin")
+    assert df["index"].iloc[0] == 7 and list(df["score"]) == sorted(score, reverse=True)
+    assert list(df.loc[df["flagged"], "index"]) == [7]
+    assert (df["self_influence"] == 1.0).all()
+    z = robust_z(score, log_scale=False)
+    np.testing.assert_allclose(z, (score - np.median(score)) / (1.4826 * np.median(np.abs(score - np.median(score)))))

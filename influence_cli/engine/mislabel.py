@@ -1,0 +1,115 @@
+"""The per-example quantities behind the mislabel scores, in one self-influence loop.
+
+For training example i with given label y and *alternative* label y' (the most probable
+class other than y), let g = ∇ℓ(x, y), g' = ∇ℓ(x, y') over the tracked weights and
+P = (H + λI)⁻¹. One forward pass per batch and three backward passes (the graph is kept
+between them) give three quadratic forms through the strategy's own fast self-influence
+path:
+
+- ``self_influence`` A = gᵀPg;
+- ``alternative_self_influence`` B = g'ᵀPg';
+- ``relabel_self_influence`` C = (g' − g)ᵀP(g' − g). For softmax cross-entropy the output
+  gradient of ℓ(y') − ℓ(y) is e_y − e_y' (the softmax term cancels), so g' − g is the
+  gradient of the logit difference z_y − z_y', differentiated directly.
+
+The cross term follows by polarisation: g'ᵀPg = (A + B − C) / 2, so every first-order
+score that mixes the two labels (``influence_cli.audit.scores``) is exact in these three
+numbers, with no per-example gradient ever stored. Also returned: the losses ℓ(y), ℓ(y')
+and y' itself. Cost: one forward and three backward passes plus three self-influence
+reductions per batch (≈ 3× ``self_influence``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from influence_cli.engine.batching import ProgressCallback, autocast, iterate_batches
+from influence_cli.engine.capture import ActivationCapture
+from influence_cli.engine.kernels import Workspace
+from influence_cli.engine.scoring import _bind, _finite
+from influence_cli.engine.tracked import eval_mode
+from influence_cli.errors import InfluenceError
+
+__all__ = ["QUADRATIC_TERMS", "alternative_labels", "mislabel_terms"]
+
+QUADRATIC_TERMS = ("self_influence", "alternative_self_influence", "relabel_self_influence")
+_MESSAGE = "mislabel scores produced non-finite values (check the damping and inputs)"
+
+
+def alternative_labels(logits: Tensor, labels: Tensor) -> Tensor:
+    """The most probable class other than the given one (ties: the lower class index)."""
+    if logits.shape[1] < 2:
+        raise InfluenceError("mislabel scores need at least 2 classes")
+    is_label = torch.arange(logits.shape[1], device=logits.device) == labels[:, None]
+    return logits.detach().masked_fill(is_label, float("-inf")).argmax(1)
+
+
+def _objectives(logits: Tensor, labels: Tensor, alternative: Tensor) -> list[Tensor]:
+    """The summed objectives whose gradients are g, g' and g' − g (order of QUADRATIC_TERMS)."""
+    rows = torch.arange(labels.shape[0], device=logits.device)
+    difference = logits[rows, labels] - logits[rows, alternative]  # ℓ(y') − ℓ(y) = z_y − z_y'
+    return [
+        F.cross_entropy(logits, labels, reduction="sum"),
+        F.cross_entropy(logits, alternative, reduction="sum"),
+        difference.sum(),
+    ]
+
+
+def mislabel_terms(
+    model: torch.nn.Module,
+    factors: object,
+    loader: Iterable,
+    *,
+    device: torch.device | str | None = None,
+    on_batch: ProgressCallback | None = None,
+    amp: str | None = None,
+) -> dict[str, Tensor]:
+    """Every example's A, B, C (see the module doc), ``loss`` ℓ(y), ``alternative_loss``
+    ℓ(y') and ``alternative`` y', in loader order → {name: (N,)}.
+
+    on_batch("self-influence", n) after each batch. Uses the given labels for y.
+    """
+    dev, bound = _bind(model, factors, device, loader, on_batch)
+    capture = ActivationCapture(bound.modules, workspace=Workspace())
+    results: dict[str, list[Tensor]] = {name: [] for name in (*QUADRATIC_TERMS, "loss", "alternative_loss", "alternative")}
+    pending: list[list] = [[] for _ in QUADRATIC_TERMS]
+    rows = 0
+    for inputs, labels in iterate_batches(loader, dev):
+        captured = []
+        with torch.no_grad(), eval_mode(model), capture:
+            with autocast(inputs.device, amp):
+                logits = capture.forward(model, inputs)
+            alternative = alternative_labels(logits, labels)
+            with torch.enable_grad(), autocast(inputs.device, amp):
+                objectives = _objectives(logits, labels, alternative)
+                for k, objective in enumerate(objectives):
+                    captured.append(capture.gradients(objective, retain_graph=k + 1 < len(objectives)))
+            wide = logits.detach().double()
+            results["loss"].append(F.cross_entropy(wide, labels, reduction="none").cpu())
+            results["alternative_loss"].append(F.cross_entropy(wide, alternative, reduction="none").cpu())
+            results["alternative"].append(alternative.cpu())
+            del logits, objectives
+        n = int(labels.shape[0])
+        rows += n
+        flush = rows >= bound.chunk_rows
+        for k, layers in enumerate(captured):
+            pending[k].append(bound.self_part(layers))
+            if flush:  # before the next term's part, so reused buffers are consumed in order
+                results[QUADRATIC_TERMS[k]].append(bound.self_scores(pending[k]).cpu().clone())
+                pending[k] = []
+        rows = 0 if flush else rows
+        if on_batch is not None:
+            on_batch("self-influence", n)
+    for k, parts in enumerate(pending):
+        if parts:
+            results[QUADRATIC_TERMS[k]].append(bound.self_scores(parts).cpu().clone())
+    if not results["loss"]:
+        raise InfluenceError("the data loader yielded no examples")
+    out = {name: torch.cat(values) for name, values in results.items()}
+    for name in QUADRATIC_TERMS:
+        _finite(out[name], _MESSAGE)
+    return out

@@ -1,0 +1,83 @@
+"""The mislabel terms and scores against their definitions on dense references:
+autograd per-example gradients at both labels and an explicit preconditioner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from influence_cli.audit.scores import SCORES, mislabel_scores
+from influence_cli.engine import fit_factors
+from influence_cli.engine.factors import dense_preconditioner
+from influence_cli.engine.mislabel import mislabel_terms
+from influence_cli.engine.reference import per_example_gradients
+from engine_helpers import batches
+from test_engine_solvers import dense_gn, dense_grads, setup  # noqa: F401  (fixture)
+
+F64 = torch.float64
+
+
+def definitions(g: torch.Tensor, g_alt: torch.Tensor, precondition, loss, loss_alt, n: int) -> dict[str, torch.Tensor]:
+    """Each score straight from its definition (flat (N, P) gradients, P applied densely)."""
+    pg, pg_alt = precondition(g), precondition(g_alt)
+    return {
+        "self_influence": (g * pg).sum(1),
+        "loss": loss,
+        "margin": loss - loss_alt,
+        "loo_loss": loss + (g * pg).sum(1) / n,
+        "relabel_gain": (g_alt * (pg_alt - pg)).sum(1) / n,
+        "loo_margin": loss - loss_alt + (g * (pg - pg_alt)).sum(1) / n,
+    }
+
+
+def reference_alternative(model, x, y):
+    with torch.no_grad():
+        z = model.eval()(x).masked_fill(F.one_hot(y, 3).bool(), float("-inf"))
+    return z.argmax(1)
+
+
+def check(got_terms, ref: dict[str, torch.Tensor], n: int) -> None:
+    got = mislabel_scores({k: v.numpy() for k, v in got_terms.items()}, n)
+    assert set(got) == set(SCORES)
+    for name in SCORES:
+        np.testing.assert_allclose(got[name], ref[name].numpy(), rtol=1e-7, atol=1e-10, err_msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])
+def test_block_strategy_scores_match_definitions(setup, strategy):  # noqa: F811
+    model, x, y = setup
+    factors = fit_factors(model, batches(x, y, 6), strategy, dtype=F64, seed=1)
+    terms = mislabel_terms(model, factors, batches(x, y, 5))
+    alt = reference_alternative(model, x, y)
+    assert torch.equal(terms["alternative"], alt) and bool((alt != y).all())
+    names = list(factors.layers)
+    g_layers = per_example_gradients(model, names, x, y)
+    a_layers = per_example_gradients(model, names, x, alt)
+    dense = torch.block_diag(*(dense_preconditioner(factors.layers[k]) for k in names))
+    g = torch.cat([g_layers[k].reshape(len(x), -1) for k in names], 1).double()
+    g_alt = torch.cat([a_layers[k].reshape(len(x), -1) for k in names], 1).double()
+    with torch.no_grad():
+        z = model(x).double()
+    loss, loss_alt = F.cross_entropy(z, y, reduction="none"), F.cross_entropy(z, alt, reduction="none")
+    check(terms, definitions(g, g_alt, lambda v: v @ dense, loss, loss_alt, 57), 57)
+
+
+def test_exact_scores_match_definitions(setup):  # noqa: F811
+    model, x, y = setup
+    solver = fit_factors(model, batches(x, y, 6), "exact", damping=0.2, dtype=F64)
+    terms = mislabel_terms(model, solver, batches(x, y, 5))
+    k = dense_gn(model, x) + 0.2 * torch.eye(solver.num_params, dtype=F64)
+    alt = reference_alternative(model, x, y)
+    g, g_alt = dense_grads(model, x, y), dense_grads(model, x, alt)
+    with torch.no_grad():
+        z = model(x).double()
+    loss, loss_alt = F.cross_entropy(z, y, reduction="none"), F.cross_entropy(z, alt, reduction="none")
+    ref = definitions(g, g_alt, lambda v: torch.linalg.solve(k, v.T).T, loss, loss_alt, len(x))
+    check(terms, ref, len(x))
+    # relabel_gain is the first-order change of log p(y'|x) under the explicit correction
+    n = len(x)
+    step = -torch.linalg.solve(k, (g_alt - g).T).T / n  # θ' − θ per example
+    np.testing.assert_allclose(mislabel_scores({a: b.numpy() for a, b in terms.items()}, n)["relabel_gain"],
+                               (-(g_alt * step).sum(1)).numpy(), rtol=1e-7, atol=1e-12)
