@@ -154,7 +154,7 @@ def ensure_factors(
         dist.barrier()
         return FactorsState(load_factors(directory), False, 0.0, directory)
     if config.model.arch == "hf":
-        reporter.info(tracked_summary(state.model, config.influence.modules))
+        session.reporter.info(tracked_summary(state.model, config.influence.modules))
     damping, factor = damping_settings(session, strategy, state.checkpoint_hash)
     start = time.perf_counter()
     factors = fit_in_memory(session, state, strategy, damping=damping, damping_factor=factor)
