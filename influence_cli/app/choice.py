@@ -59,7 +59,7 @@ def tracked_parameters(session: Any) -> int:
     from influence_cli.models import build_model
 
     config, data = session.config, session.data()
-    model = build_model(config.model, tuple(data.input_shape), len(data.class_names), seed=session.model_seed)
+    model = build_model(config.model, tuple(data.input_shape), len(data.class_names), seed=session.model_seed, base_dir=config.base_dir)
     modules = select_modules(model, config.influence.modules)
     return sum(p.numel() for module in modules.values() for p in module.parameters(recurse=False))
 
