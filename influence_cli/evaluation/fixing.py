@@ -87,10 +87,11 @@ def _curve(session: Any, state: Any, factors: Any, order: np.ndarray, retrainer:
             state.model.cpu()
             costs.append(fixed.seconds)
             entry.update(corrected_accuracy=split_metrics(fixed.model, data.test)["accuracy"],
-                         step_scale=fixed.result.scale)
+                         step_scale=fixed.result.scale, correction_seconds=fixed.seconds)
         else:
-            entry.update(corrected_accuracy=state.test_accuracy, step_scale=None)
-        out.append({k: clean_number(v) if isinstance(v, float) else v for k, v in entry.items()})
+            entry.update(corrected_accuracy=state.test_accuracy, step_scale=None, correction_seconds=None)
+        out.append({k: clean_number(v, 3 if k.endswith("seconds") else 6) if isinstance(v, float) else v
+                    for k, v in entry.items()})
     return out
 
 
@@ -153,6 +154,12 @@ def _result(config: Config, session: Any, state: Any, rankings: dict, skipped: d
     noise = session.config.data.label_noise
     correction = float(np.mean(costs)) if costs else float("nan")
     retraining = float(np.mean(retrainer.seconds))
+    by_ranking = {}
+    for name, rows in rankings.items():
+        times = [r["correction_seconds"] for r in rows if r.get("correction_seconds") is not None]
+        if times:
+            by_ranking[name] = {"correction_seconds": clean_number(np.mean(times), 3),
+                                "ratio": clean_number(np.mean(times) / retraining, 4)}
     return {
         "evaluation": "fixing", "config": config.name, "name": session.config.name, "run_dir": str(session.run.root),
         "noise": {"fraction": float(noise.fraction), "kind": noise.kind, "seed": int(noise.seed)},
@@ -163,6 +170,6 @@ def _result(config: Config, session: Any, state: Any, rankings: dict, skipped: d
         "rankings": rankings, "skipped": skipped,
         "cost": {"correction_seconds": clean_number(correction, 3), "retraining_seconds": clean_number(retraining, 3),
                  "ratio": clean_number(correction / retraining, 4), "corrections": len(costs),
-                 "retrainings": len(retrainer.seconds)},
+                 "retrainings": len(retrainer.seconds), "by_ranking": by_ranking},
         "version": __version__,
     }

@@ -59,12 +59,13 @@ def render_fix(summary: Mapping[str, Any], console: Console) -> None:
 
 def render_fixing_curve(result: Mapping[str, Any], console: Console) -> None:
     """Flips found and test accuracy after retraining / after the correction, per fraction."""
-    ref = result["reference"]
-    caption = (f"clean {_pct(ref['clean_accuracy'])}, noisy {_pct(ref['noisy_accuracy'])}; correction "
-               f"{_num(result['cost']['correction_seconds'], 2)} s vs one retraining "
-               f"{_num(result['cost']['retraining_seconds'], 2)} s (ratio {_num(result['cost']['ratio'], 3)})")
+    ref, cost = result["reference"], result["cost"]
+    per = ", ".join(f"{escape(name)} {_num(c['correction_seconds'], 2)} s" for name, c in cost.get("by_ranking", {}).items())
+    caption = (f"clean {_pct(ref['clean_accuracy'])}, noisy {_pct(ref['noisy_accuracy'])}; one correction "
+               f"{_num(cost['correction_seconds'], 2)} s on average ({per}) vs one retraining "
+               f"{_num(cost['retraining_seconds'], 2)} s (ratio {_num(cost['ratio'], 3)})")
     table = Table(title=escape(f"{result['name']}: fixing curve ({result['noise']['kind']} noise "
-                               f"{_pct(result['noise']['fraction'])})"), caption=escape(caption), box=box.SIMPLE_HEAVY)
+                               f"{_pct(result['noise']['fraction'])})"), caption=caption, box=box.SIMPLE_HEAVY)
     for name, justify in (("ranking", "left"), ("checked", "right"), ("flips found", "right"),
                           ("retrained acc", "right"), ("corrected acc", "right"), ("scale", "right")):
         table.add_column(name, justify=justify)
