@@ -64,11 +64,15 @@ def correct(
     fixed = copy.deepcopy(model)
     target = corrected_train_set(train, rows, action, new_labels)
     wd = float(config.train.weight_decay)
-    result = correct_model(
-        fixed, factors, train.inputs[rows], train.labels[rows], action=action, num_examples=len(train),
-        new_labels=new_labels, objective=lambda m: training_objective(m, target, wd), device=device, loader=loader,
-        batch_size=int(config.influence.batch_size),
-    )
+    batch = int(config.influence.batch_size)
+    # Tiny CPU workloads run faster on one thread (training.threads_for), the guard's
+    # forward passes over the training set included.
+    with torch_threads(threads_for(fixed, batch, torch.device(device or "cpu"))):
+        result = correct_model(
+            fixed, factors, train.inputs[rows], train.labels[rows], action=action, num_examples=len(train),
+            new_labels=new_labels, objective=lambda m: training_objective(m, target, wd), device=device,
+            loader=loader, batch_size=batch,
+        )
     fixed.cpu()
     if finetune_steps:
         finetune(fixed, target, config, finetune_steps, seed)
