@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from influence_cli.commands import command
 from influence_cli.commands.common import (
-    ConfigOption, SetOption, StrategyOption, check_choice, check_strategy, model_line, open_session,
+    ConfigOption, SetOption, StrategyOption, check_choice, check_strategy, open_session,
 )
 from influence_cli.terminal import err
 
