@@ -58,7 +58,7 @@ def correct(
     config: Config, loader: Any = None, device: Any = None, finetune_steps: int = 0, seed: int = 0,
 ) -> CorrectedModel:
     """A corrected copy of ``model`` (the original is untouched)."""
-    from influence_cli.engine.correction import correct_model, untracked_parameters
+    from influence_cli.engine.correction import correct_model, correction_direction, untracked_parameters
 
     start = time.perf_counter()
     fixed = copy.deepcopy(model)
@@ -68,11 +68,11 @@ def correct(
     # Tiny CPU workloads run faster on one thread (training.threads_for), the guard's
     # forward passes over the training set included.
     with torch_threads(threads_for(fixed, batch, torch.device(device or "cpu"))):
-        result = correct_model(
+        step = correction_direction(
             fixed, factors, train.inputs[rows], train.labels[rows], action=action, num_examples=len(train),
-            new_labels=new_labels, objective=lambda m: training_objective(m, target, wd), device=device,
-            loader=loader, batch_size=batch,
+            new_labels=new_labels, device=device, loader=loader, batch_size=batch,
         )
+        result = correct_model(fixed, factors.check_model(fixed), step, lambda m: training_objective(m, target, wd))
     fixed.cpu()
     if finetune_steps:
         finetune(fixed, target, config, finetune_steps, seed)

@@ -190,30 +190,20 @@ def apply_correction(model: nn.Module, modules: dict[str, nn.Module], correction
 
 def correct_model(
     model: nn.Module,
-    factors: Any,
-    inputs: Tensor,
-    labels: Tensor,
-    *,
-    action: str,
-    num_examples: int,
+    modules: dict[str, nn.Module],
+    correction: Correction,
     objective: Callable[[nn.Module], float],
-    new_labels: Tensor | None = None,
+    *,
     max_halvings: int = 4,
-    device: torch.device | str | None = None,
-    loader: Iterable | None = None,
-    batch_size: int = 256,
 ) -> CorrectionResult:
-    """Apply the correction to ``model`` in place, backtracking on ``objective``.
+    """Apply ``correction`` (from :func:`correction_direction`) to ``model`` in place,
+    backtracking on ``objective``.
 
     objective(model): the loss on the kept (remove) or relabelled (relabel) training set.
     The step is halved while the objective is worse than before, at most ``max_halvings``
     times; if even the smallest step is worse the model is left unchanged (scale 0).
+    modules: the tracked {name: module} (``factors.check_model(model)``).
     """
-    correction = correction_direction(
-        model, factors, inputs, labels, action=action, num_examples=num_examples, new_labels=new_labels,
-        device=device, loader=loader, batch_size=batch_size,
-    )
-    modules = factors.check_model(model)
     before = float(objective(model))
     tried: list[tuple[float, float]] = []
     applied = 0.0

@@ -166,8 +166,9 @@ def test_backtracking_halves_an_overshooting_step(logistic):
     objective = _relabel_objective(x, y, s, new)
     full = correction_direction(model, factors, x[s], y[s], action="relabel", num_examples=N, new_labels=new)
     corrected = _copy(model)
-    result = correct_model(corrected, _Scaled(factors, 6.0), x[s], y[s], action="relabel", num_examples=N,
-                           new_labels=new, objective=objective)
+    scaled = correction_direction(corrected, _Scaled(factors, 6.0), x[s], y[s], action="relabel", num_examples=N,
+                                  new_labels=new)
+    result = correct_model(corrected, factors.check_model(corrected), scaled, objective)
     assert result.halvings >= 1 and 0 < result.scale < 1
     assert [t[0] for t in result.tried] == [2.0 ** -k for k in range(result.halvings + 1)]
     assert all(v > result.objective_before for _s, v in result.tried[:-1])
@@ -182,8 +183,10 @@ def test_backtracking_gives_up_and_leaves_the_model_unchanged(logistic):
     s = torch.tensor([3, 50, 721])
     new = (y[s] + 1) % C
     corrected = _copy(model)
-    result = correct_model(corrected, _Scaled(factors, 1e4), x[s], y[s], action="relabel", num_examples=N,
-                           new_labels=new, objective=_relabel_objective(x, y, s, new), max_halvings=3)
+    huge = correction_direction(corrected, _Scaled(factors, 1e4), x[s], y[s], action="relabel", num_examples=N,
+                                new_labels=new)
+    result = correct_model(corrected, factors.check_model(corrected), huge, _relabel_objective(x, y, s, new),
+                           max_halvings=3)
     assert result.scale == 0.0 and len(result.tried) == 4
     torch.testing.assert_close(_flat(corrected), _flat(model), rtol=0, atol=1e-12)
 
@@ -193,8 +196,8 @@ def test_a_good_step_is_kept_whole(logistic):
     s = torch.tensor([3, 50, 721])
     new = (y[s] + 1) % C
     corrected = _copy(model)
-    result = correct_model(corrected, factors, x[s], y[s], action="relabel", num_examples=N, new_labels=new,
-                           objective=_relabel_objective(x, y, s, new))
+    step = correction_direction(corrected, factors, x[s], y[s], action="relabel", num_examples=N, new_labels=new)
+    result = correct_model(corrected, factors.check_model(corrected), step, _relabel_objective(x, y, s, new))
     assert result.scale == 1.0 and result.halvings == 0
     assert result.objective_after < result.objective_before
 
