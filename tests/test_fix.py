@@ -171,3 +171,8 @@ def test_evaluate_fix_writes_the_curve(tmp_path: Path) -> None:
     assert data["reference"]["clean_accuracy"] > 0
     page = (run / "fixing.html").read_text()
     assert page.count("<svg") == 2 and "kfac retrained" in page
+    import xml.etree.ElementTree as ET
+
+    for part in page.split("<svg")[1:]:
+        plot = ET.fromstring("<svg" + part.split("</svg>")[0] + "</svg>")  # well-formed inline SVG
+        assert len(plot.findall("polyline")) == len(data["rankings"]) * (1 if "flips found" in part[:400] else 2)
