@@ -247,3 +247,23 @@ def test_bad_requests_are_refused(logistic):
         correction_direction(model, factors, x[:2], y[:2], action="drop", num_examples=N)
     with pytest.raises(InfluenceError, match="new label"):
         correction_direction(model, factors, x[:2], y[:2], action="relabel", num_examples=N)
+
+
+@pytest.mark.parametrize("make", [make_mlp, make_cnn])
+def test_applied_step_matches_its_first_order_prediction(make):
+    """A tiny multiple of the step changes S's loss by that multiple of Σ g_iᵀ Δθ: the
+    step lands on the right parameters (conv weight layout and bias column included)."""
+    model = seeded(make)
+    shape = (6,) if make is make_mlp else (2, 6, 6)
+    x, y = make_data(shape, 20)
+    factors = fit_factors(model, batches(x, y, 8), "ekfac", damping=0.1, dtype=torch.float64)
+    s = torch.tensor([2, 7, 11])
+    new = (y[s] + 1) % 3
+    step = correction_direction(model, factors, x[s], y[s], action="relabel", num_examples=20, new_labels=new)
+    with torch.no_grad():
+        before = float(F.cross_entropy(model(x[s]), new, reduction="sum"))
+    eps = 1e-6
+    apply_correction(model, factors.check_model(model), step, eps)
+    with torch.no_grad():
+        after = float(F.cross_entropy(model(x[s]), new, reduction="sum"))
+    assert (after - before) / eps == pytest.approx(step.predicted_loss_change(), rel=1e-3)
