@@ -19,7 +19,9 @@ from torch import nn
 
 from influence_cli.config import Config
 from influence_cli.loaders import BatchLoader
-from influence_cli.training import accuracy, make_optimizer, predict_probs, threads_for, torch_threads, train_model
+from influence_cli.training import (
+    accuracy, make_optimizer, predict_probs, resolve_device, threads_for, torch_threads, train_model,
+)
 
 
 @dataclass
@@ -82,27 +84,28 @@ def correct(
 
 def finetune(model: nn.Module, dataset: Any, config: Config, steps: int, seed: int) -> None:
     """``steps`` optimizer steps of the training recipe on the corrected data (a hybrid)."""
+    device = resolve_device(config.train.device)
     torch.manual_seed(seed)
-    model.train()
+    model.to(device).train()
     optimizer = make_optimizer(model, config.train)
     loader = BatchLoader(dataset, config.train.batch_size, shuffle=True, seed=seed + 1)
     done = 0
-    with torch_threads(threads_for(model, config.train.batch_size, torch.device("cpu"))):
+    with torch_threads(threads_for(model, config.train.batch_size, device)):
         while done < steps:
             for x, y, _idx in loader:
+                x, y = x.to(device), y.to(device)
                 optimizer.zero_grad(set_to_none=True)
                 F.cross_entropy(model(x), y).backward()
                 optimizer.step()
                 done += 1
                 if done >= steps:
                     break
-    model.eval()
+    model.cpu().eval()
 
 
 def retrain(data: Any, train: Any, config: Config, *, seed: int, reporter: Any = None) -> tuple[nn.Module, float]:
     """A model trained from scratch on ``train`` with the run's recipe and seed → (model, seconds)."""
     from influence_cli.models import build_model
-    from influence_cli.training import resolve_device
 
     model = build_model(config.model, tuple(data.input_shape), len(data.class_names), seed=seed)
     start = time.perf_counter()

@@ -121,6 +121,8 @@ def run_fix(session: Session, *, action: str, from_file: Optional[Path], out: Op
     config = session.config
     if config.influence.ensemble_size() > 1:
         raise InflError("infl fix corrects one model; set influence.ensemble: 1 (or null)")
+    if session.dist.active:
+        raise InflError("infl fix runs in one process; run it without torchrun")
     if action not in ACTIONS:
         raise InflError(f"--action: '{action}' is not one of {', '.join(ACTIONS)}")
     strategy = strategy or config.influence.strategy
