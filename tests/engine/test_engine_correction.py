@@ -267,3 +267,21 @@ def test_applied_step_matches_its_first_order_prediction(make):
     with torch.no_grad():
         after = float(F.cross_entropy(model(x[s]), new, reduction="sum"))
     assert (after - before) / eps == pytest.approx(step.predicted_loss_change(), rel=1e-3)
+
+
+def test_lissa_summed_step_equals_sum_of_its_solves():
+    """LiSSA's recursion is linear and seeded: one solve of Σg equals Σ of the solves."""
+    from influence_cli.engine.batching import test_batches
+    from influence_cli.engine.scoring import gradient_batches
+
+    model = seeded(make_mlp)
+    x, y = make_data((6,), 20)
+    loader = batches(x, y, 8)
+    factors = fit_factors(model, loader, "lissa", damping=0.1, dtype=torch.float64, options={"depth": 50})
+    s = torch.tensor([1, 5, 6, 13])
+    step = correction_direction(model, factors, x[s], y[s], action="remove", num_examples=20, loader=loader)
+    bound = factors.bind(model, torch.device("cpu"), loader=loader)
+    rows = gradient_batches(model, bound.modules, test_batches(x[s], y[s], torch.device("cpu"), 256))
+    per_example = bound.export_side(bound.test_side(rows, len(s), None))
+    for name, value in per_example.items():
+        torch.testing.assert_close(step.step[name], value.sum(0).double() / 20, rtol=1e-9, atol=1e-12)
