@@ -111,6 +111,22 @@ def test_fix_from_file_remove_with_verify(audited, tmp_path: Path) -> None:
     assert "retrained: test accuracy" in result.output
 
 
+def test_from_an_edited_mislabels_csv(audited, tmp_path: Path) -> None:
+    """--from mislabels.csv after review: its suggested_label column gives the new labels;
+    a row whose suggestion is the given label changes nothing."""
+    path, run, flagged = audited
+    edited = flagged.copy()
+    edited.loc[edited.index[0], "suggested_label"] = edited["label_name"].iloc[0]  # reviewer: label was right
+    listing = tmp_path / "reviewed.csv"
+    edited.to_csv(listing, index=False)
+    result = invoke("fix", "-c", str(path), "--from", str(listing))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "fix.json").read_text())
+    kept = edited[edited["suggested_label"] != edited["label_name"]]
+    assert [e["id"] for e in summary["examples"]] == list(kept["id"])
+    assert [e["new_label"] for e in summary["examples"]] == list(kept["suggested_label"])
+
+
 def test_finetune_steps_are_applied(audited) -> None:
     path, run, _flagged = audited
     assert invoke("fix", "-c", str(path), "--flagged", "--finetune-steps", "3").exit_code == 0

@@ -70,7 +70,8 @@ def select_fix_set(session: Session, action: str, from_file: Optional[Path]) -> 
     rows = _read_rows(path)
     if from_file is None:
         rows = [r for r in rows if str(r.get("flagged", "")).strip().lower() in ("true", "1")]
-    column = "new_label" if from_file is not None else "suggested_label"
+    # --from: new_label, else (an edited mislabels.csv) its suggested_label column
+    column = "new_label" if from_file is not None and (not rows or "new_label" in rows[0]) else "suggested_label"
     chosen: list[int] = []
     targets: list[int] = []
     for line, row in enumerate(rows, start=2):

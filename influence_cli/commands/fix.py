@@ -23,9 +23,10 @@ def fix_command(
                                "remove: drop them from the training set."),
     from_file: Optional[Path] = typer.Option(
         None, "--from", metavar="FILE.csv", help="CSV of the examples to fix: an 'id' column and, for relabel, a "
-        "'new_label' column (a class name or index); e.g. mislabels.csv after a person edited it."),
-    flagged: bool = typer.Option(False, "--flagged", help="Fix the flagged rows of runs/<name>/mislabels.csv, "
-                                 "relabelling each to its suggested_label (the default when --from is not given)."),
+        "'new_label' column (a class name or index; without it, 'suggested_label'), e.g. mislabels.csv after a "
+        "person edited it."),
+    flagged: bool = typer.Option(False, "--flagged", help="Fix the flagged rows of runs/<name>/mislabels.csv "
+                                 "(relabel: each to its suggested_label); the default when --from is not given."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="CHECKPOINT",
                                        help="Write the corrected checkpoint here (default runs/<name>/fixed.safetensors)."),
     verify: bool = typer.Option(False, "--verify", help="Also retrain from scratch on the corrected data (same recipe "
