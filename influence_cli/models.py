@@ -104,9 +104,16 @@ def _factory(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -
     return model
 
 
-def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> nn.Module:
-    """Build the configured model with seeded initial weights."""
+def build_model(
+    cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int = 0, base_dir: Path | None = None
+) -> nn.Module:
+    """Build the configured model with seeded initial weights (``base_dir``: where a
+    relative model.name_or_path is resolved, the config's folder)."""
     torch.manual_seed(seed)
+    if cfg.arch == "hf":
+        from influence_cli.hf import build_hf_model
+
+        return build_hf_model(cfg, num_classes, base_dir)
     if cfg.arch == "mlp":
         return _mlp(cfg, input_shape, num_classes)
     if cfg.arch == "cnn":

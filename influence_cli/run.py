@@ -39,6 +39,14 @@ def hash_file(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def hash_folder(folder: str | Path) -> str:
+    """Content hash of every file below ``folder`` (names and bytes), e.g. a saved
+    Hugging Face model: weights, config and tokenizer."""
+    folder = Path(folder)
+    parts = [f"{p.relative_to(folder)}:{hash_file(p)}" for p in sorted(folder.rglob("*")) if p.is_file()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 # Where the data and the code live is not what they are: the content fingerprint covers
 # the data, so a checkout in another folder (a CI runner) or a replayed config with
 # resolved paths reuses the same cache.
@@ -57,6 +65,10 @@ def training_hash(config: Config, data_fingerprint: str) -> str:
     model and train sections, and the content fingerprint of the training split."""
     dumped = _hashed_sections(config)
     relevant = {k: dumped[k] for k in ("seed", "data", "model", "train")}
+    if config.model.arch == "hf":  # the folder's place is not hashed (a location key): its content is
+        from influence_cli.hf import model_location
+
+        relevant["pretrained"] = hash_folder(model_location(config.model, config.base_dir))
     return hash_object({**relevant, "data_fingerprint": data_fingerprint})
 
 

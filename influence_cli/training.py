@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from influence_cli.config import TrainConfig
+from influence_cli.engine.batches import forward_logits
 from influence_cli.errors import InflError
 from influence_cli.loaders import BatchLoader
 from influence_cli.progress import Reporter
@@ -91,7 +92,7 @@ def train_model(
             for x, y, _idx in loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
+                loss = loss_fn(forward_logits(model, x), y)
                 loss.backward()
                 optimizer.step()
                 total += float(loss.detach()) * len(y)
@@ -114,7 +115,7 @@ def predict_probs(model: nn.Module, dataset: Any, *, batch_size: int = 512, devi
     out = []
     regression = dataset.labels.is_floating_point()
     for x, _y, _idx in BatchLoader(dataset, batch_size):
-        outputs = model(x.to(device)).float()
+        outputs = forward_logits(model, x.to(device)).float()
         out.append((outputs.reshape(len(x), -1) if regression else torch.softmax(outputs, dim=1)).cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 0)

@@ -26,6 +26,7 @@ BOUNDS: dict[str, tuple[list[Any], list[Any]]] = {
     "seed": ([0, MAX_SEED], [-1, MAX_SEED + 1]),
     "data.test_fraction": ([0.01, 0.99], [0, 0.0, 1, 1.0, -0.5]),
     "data.limit": ([1, None], [0, -3]),
+    "data.max_length": ([2, 512], [1, 0]),
     "data.image_size": ([[1, 1], [28, 28]], [[0, 1], [1, 0], [1], [1, 1, 1]]),
     "data.synthetic.num_train": ([1], [0]),
     "data.synthetic.num_test": ([1], [0]),

@@ -154,6 +154,8 @@ def ensure_factors(
         dist.barrier()
         return FactorsState(load_factors(directory), False, 0.0, directory)
     bounds = shard_bounds(session) if parallel else (0, len(session.data().train))
+    if config.model.arch == "hf":
+        reporter.info(tracked_summary(state.model, config.influence.modules))
     start = time.perf_counter()
 
     def fit(batch_size: int) -> Any:
@@ -251,3 +253,18 @@ def members_factors(members: list[Member], strategy: str, command: str) -> list[
             for m in members
         ]
     return [ensure_factors(m.session, m.state, strategy, refit_stale=True) for m in members]
+
+
+def tracked_summary(model: Any, patterns: Any) -> str:
+    """One line: how many layers and parameters the influence scores cover."""
+    import warnings
+
+    from influence_cli.engine import select_modules
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracked = select_modules(model, patterns)
+    count = sum(p.numel() for m in tracked.values() for p in m.parameters(recurse=False))
+    total = sum(p.numel() for p in model.parameters())
+    return (f"influence: tracking {len(tracked)} layers, {count:,} of the model's {total:,} parameters "
+            f"({100 * count / max(total, 1):.1f}%; choose them with influence.modules)")

@@ -49,7 +49,7 @@ def _ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
     config, run, reporter = session.config, session.run, session.reporter
     data = session.data()
     num_classes = len(data.class_names)
-    model = build_model(config.model, tuple(data.input_shape), num_classes, seed=session.model_seed)
+    model = build_model(config.model, tuple(data.input_shape), num_classes, seed=session.model_seed, base_dir=config.base_dir)
     check_model_fits(model, config.model, data.train.inputs[:2], num_classes)
     device = resolve_device(config.train.device)
     trained_now = False
@@ -60,6 +60,13 @@ def _ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
         load_checkpoint(model, path)
         checkpoint_hash = hash_file(path)
         info["checkpoint"] = str(path)
+    elif config.model.arch == "hf" and not config.model.fine_tune:
+        from influence_cli.hf import model_location
+        from influence_cli.run import hash_folder
+
+        location = model_location(config.model, config.base_dir)
+        checkpoint_hash = hash_folder(location)  # the folder's weights, audited as they are
+        info["checkpoint"] = location
     else:
         meta = read_json(run.train_meta)
         want = member_training_hash(config, session.member, data.fingerprint("train"))

@@ -63,7 +63,8 @@ TORCHVISION_SOURCES = ("mnist", "fashion_mnist", "cifar10")
 
 class DataConfig(_Strict):
     source: Literal[
-        "digits", "mnist", "fashion_mnist", "cifar10", "image_folder", "csv_manifest", "table", "synthetic", "factory"
+        "digits", "mnist", "fashion_mnist", "cifar10", "image_folder", "csv_manifest", "table", "synthetic", "factory",
+        "hf_dataset",
     ] = "digits"
     root: Optional[str] = Field(None, description="folder of torchvision datasets (mnist, fashion_mnist, cifar10)")
     download: bool = Field(False, description="let torchvision download the dataset into root")
@@ -72,6 +73,8 @@ class DataConfig(_Strict):
     test_path: Optional[str] = Field(None, description="separate test folder/file (with train_path)")
     test_fraction: Float = Field(0.2, gt=0.0, lt=1.0, description="stratified, seeded test split when one path is given")
     label_column: str = "label"
+    text_column: str = Field("text", description="hf_dataset: the column holding the text")
+    max_length: Int = Field(128, ge=2, description="hf_dataset: tokens per text (padded/truncated with the model's tokenizer)")
     id_column: Optional[str] = None
     feature_columns: Optional[list[str]] = None
     image_size: Optional[list[Int]] = Field(None, description="[height, width] to resize images to")
@@ -124,7 +127,7 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _paths_fit_source(self) -> "DataConfig":
-        file_sources = {"image_folder", "csv_manifest", "table"}
+        file_sources = {"image_folder", "csv_manifest", "table", "hf_dataset"}
         if self.source == "factory" and not self.factory:
             raise ValueError("source 'factory' needs data.factory: 'package.module:function'")
         if self.factory and self.source != "factory":
@@ -149,7 +152,7 @@ class DataConfig(_Strict):
         return self
 
 
-BUILTIN_ARCHS = ("mlp", "cnn", "factory")
+BUILTIN_ARCHS = ("mlp", "cnn", "factory", "hf")
 
 
 def torchvision_classifiers() -> list[str]:
@@ -161,7 +164,7 @@ def torchvision_classifiers() -> list[str]:
 
 
 class ModelConfig(_Strict):
-    arch: str = Field("mlp", description="mlp, cnn, a torchvision model name (resnet18, ...), or factory")
+    arch: str = Field("mlp", description="mlp, cnn, a torchvision model name (resnet18, ...), factory, or hf")
     hidden_sizes: list[Size] = Field(
         default_factory=lambda: [128], description="mlp hidden layer widths; [] = no hidden layer (logistic regression)"
     )
@@ -170,6 +173,9 @@ class ModelConfig(_Strict):
     factory_path: Optional[str] = Field(None, description="folder put on sys.path before importing the factory")
     factory_kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Optional[str] = Field(None, description="load this state_dict (.safetensors, .pt, .pth) instead of training")
+    name_or_path: Optional[str] = Field(None, description="hf: folder of a saved Hugging Face sequence classifier and its tokenizer")
+    allow_download: bool = Field(False, description="hf: let transformers download name_or_path from the hub (default: local files only)")
+    fine_tune: bool = Field(True, description="hf: fine-tune the loaded model with the train section (false: audit its weights as they are)")
 
     @field_validator("arch")
     @classmethod
@@ -190,6 +196,10 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _factory_given(self) -> "ModelConfig":
+        if self.arch == "hf" and not self.name_or_path:
+            raise ValueError("arch 'hf' needs model.name_or_path: the folder of a saved Hugging Face model")
+        if self.name_or_path and self.arch != "hf":
+            raise ValueError("model.name_or_path is set: also set model.arch: hf")
         if self.arch == "factory" and not self.factory:
             raise ValueError("arch 'factory' needs model.factory: 'package.module:function'")
         if self.factory and self.arch != "factory":
@@ -333,7 +343,8 @@ class OutputConfig(_Strict):
 
 #: Config keys that name where files are (resolved against the config's folder), not what they hold.
 PATH_KEYS: dict[str, tuple[str, ...]] = {
-    "data": ("root", "path", "train_path", "test_path", "factory_path", "label_overrides"), "model": ("checkpoint", "factory_path"),
+    "data": ("root", "path", "train_path", "test_path", "factory_path", "label_overrides"),
+    "model": ("checkpoint", "factory_path", "name_or_path"),
 }
 
 
@@ -360,6 +371,14 @@ class Config(_Strict):
     def _train_device(cls, value: TrainConfig) -> TrainConfig:
         _check_device(value.device)
         return value
+
+    @model_validator(mode="after")
+    def _text_needs_hf_model(self) -> "Config":
+        if self.data.source == "hf_dataset" and self.model.arch != "hf":
+            raise ValueError(
+                "data.source hf_dataset is tokenised with the model's tokenizer: set model.arch: hf and model.name_or_path"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_checkpoint_source(self) -> "Config":
@@ -401,7 +420,9 @@ class Config(_Strict):
         for section, keys in PATH_KEYS.items():
             for key in keys:
                 if dumped[section].get(key):
-                    dumped[section][key] = str(self.resolve_path(dumped[section][key]).resolve())
+                    path = self.resolve_path(dumped[section][key])
+                    if key != "name_or_path" or path.exists():  # a hub model name stays a name
+                        dumped[section][key] = str(path.resolve())
         if isinstance(dumped["influence"]["ensemble"], list):
             dumped["influence"]["ensemble"] = [str(self.resolve_path(p).resolve()) for p in dumped["influence"]["ensemble"]]
         dumped["output"]["dir"] = str(Path(dumped["output"]["dir"]).expanduser().resolve())

@@ -23,6 +23,7 @@ from .lazy import LazyInputs, stream_standardisation
 from .noise import inject_label_noise
 from .synthetic import build_synthetic
 from .table import build_table
+from .text import build_hf_dataset
 
 SOURCES: dict[str, Callable[[Config], SourceData]] = {
     "digits": build_digits,
@@ -34,6 +35,7 @@ SOURCES: dict[str, Callable[[Config], SourceData]] = {
     "table": build_table,
     "synthetic": build_synthetic,
     "factory": build_factory,
+    "hf_dataset": build_hf_dataset,
 }
 
 
@@ -51,7 +53,7 @@ def _where(config: Config, test: bool = False) -> str:
     """How messages name the data: the file or folder it came from, else the source."""
     data = config.data
     value = (data.test_path if test else data.train_path) or data.path
-    if data.source in ("image_folder", "csv_manifest", "table") and value is not None:
+    if data.source in ("image_folder", "csv_manifest", "table", "hf_dataset") and value is not None:
         return str(config.resolve_path(value))
     return f"data.source '{data.source}'"
 

@@ -4,7 +4,9 @@ Three formats, recognised by their columns:
 
 - ``index[,label][,id]``: rows of the configured test split, by position;
 - ``path[,label][,id]``: image files (image sources), paths relative to the CSV;
-- the training table's feature columns ``[,label][,id]`` (table and vector sources).
+- the training table's feature columns ``[,label][,id]`` (table and vector sources);
+- ``text[,label][,id]`` (hf_dataset; the column named by data.text_column): sentences,
+  tokenised like the training texts.
 
 A row without a label (no label column, or an empty cell) is measured against the model's
 predicted label. Every bad row gets a DataError naming the CSV and the row.
@@ -35,7 +37,7 @@ class QueryRows:
     inputs: torch.Tensor  # (T, *input_shape), prepared exactly like the training inputs
     labels: torch.Tensor  # (T,) int64, -1 = no label given
     ids: list[str]
-    source_format: str  # "index" | "path" | "features"
+    source_format: str  # "index" | "path" | "features" | "text"
     indices: Optional[list[int]] = None  # rows of the test split, when the CSV gave an 'index' column
 
     @property
@@ -120,6 +122,9 @@ def read_query_rows(csv_path: Path, config: Config, datasets: Datasets) -> Query
         ids = ids_given or [f"test/{test.ids[k]}" for k in picks]
         return QueryRows(inputs, torch.tensor(labels, dtype=torch.long), ids, "index", indices=picks)
 
+    if config.data.source == "hf_dataset":
+        return _text_rows(csv_path, config, body, columns, labels, ids_given)
+
     if "path" in columns:
         if datasets.kind != "image":
             raise DataError(f"{csv_path}: a 'path' column needs an image data source; use 'index' or the feature columns")
@@ -170,3 +175,15 @@ def read_query_rows(csv_path: Path, config: Config, datasets: Datasets) -> Query
     if train.mean is not None and train.std is not None:
         inputs = apply_standardisation(inputs.clone(), train.mean, train.std)
     return QueryRows(inputs.float(), torch.tensor(labels, dtype=torch.long), ids, "path" if "path" in columns else "features")
+
+
+def _text_rows(csv_path: Path, config: Config, body: list, columns: dict, labels: list, ids_given) -> QueryRows:
+    """Sentences of the data.text_column column, tokenised with the model's tokenizer."""
+    from .text import tokenise_texts
+
+    column = config.data.text_column
+    if column not in columns:
+        raise DataError(f"{csv_path}: give 'index' (rows of the test split) or a '{column}' column (data.text_column) of sentences")
+    texts = [row[columns[column]] for row in body]
+    ids = ids_given or [str(i) for i in range(len(body))]
+    return QueryRows(tokenise_texts(config, texts), torch.tensor(labels, dtype=torch.long), ids, "text")

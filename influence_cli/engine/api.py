@@ -49,7 +49,8 @@ def fit_factors(
 
     options: the strategy's own settings, a dict or its ``options_type`` instance
         (e.g. {"max_params": 50000} for exact, {"depth": 2000, "scale": 50.0} for lissa).
-    loader: iterable of batches whose first two items are inputs and integer labels.
+    loader: iterable of batches: (inputs, labels[, index]) or dicts with 'labels' (and
+        'attention_mask' for padded sequences); see engine/batches.py.
     fisher: "true" samples labels from the model's predictive distribution (seeded,
         deterministic given ``seed`` and loader order); "empirical" uses the labels.
     modules: fnmatch patterns of module names (or a ready {name: module} dict); None

@@ -1,19 +1,23 @@
 """Batches, devices and dtypes: how the engine reads a loader and places a model.
 
-A loader is any re-iterable of batches whose first two items are inputs and labels
-(integer classes, or floating targets for regression: engine/losses.py); a third item, when it is an integer tensor of the batch's length, carries the
-examples' global indices (``influence_cli.loaders.BatchLoader`` yields them). Nothing
-here prints; progress goes through ``on_batch(stage, n)`` callbacks.
+A loader is any re-iterable of batches: ``(inputs, labels[, index])`` sequences or dicts
+(``engine/batches.py`` says how each shape is read); labels are integer classes, or
+floating targets for regression (engine/losses.py); an index item, when it is an integer
+tensor of the batch's length, carries the examples' global indices
+(``influence_cli.loaders.BatchLoader`` yields them). Nothing here prints; progress goes
+through ``on_batch(stage, n)`` callbacks.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from influence_cli.engine.batches import batch_size, slice_inputs, split_batch, to_device
 from influence_cli.engine.losses import label_dtype
 from influence_cli.errors import InfluenceError
 
@@ -63,27 +67,24 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def iterate_batches(loader: Iterable, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    """(inputs, labels) on ``device`` from batches whose first two items are those."""
+def iterate_batches(loader: Iterable, device: torch.device) -> Iterator[tuple[Any, Tensor]]:
+    """(inputs, labels) on ``device``; inputs keep the batch's structure (tensor, dict, tuple)."""
     for inputs, labels, _index in iterate_indexed_batches(loader, device):
         yield inputs, labels
 
 
 def iterate_indexed_batches(
     loader: Iterable, device: torch.device
-) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
-    """(inputs, labels, example indices or None) on ``device``; the indices are a batch's
-    third item when it is an integer tensor of the batch's length (BatchLoader yields the
+) -> Iterator[tuple[Any, Tensor, Tensor | None]]:
+    """(inputs, labels, example indices or None) on ``device``; the indices are the batch's
+    index item when it is an integer tensor of the batch's length (BatchLoader yields the
     global index of every example there)."""
     for batch in loader:
-        if isinstance(batch, dict):
-            raise InfluenceError("batches must be (inputs, labels, ...) sequences, not dicts")
-        inputs, labels = batch[0], batch[1]
+        inputs, labels, third = split_batch(batch)
         if not isinstance(labels, Tensor):
             labels = torch.as_tensor(labels)
         index = None
-        if len(batch) > 2:
-            third = batch[2]
+        if third is not None:
             if not isinstance(third, Tensor):
                 try:
                     third = torch.as_tensor(third)
@@ -97,20 +98,23 @@ def iterate_indexed_batches(
                 and not third.is_complex()
             ):
                 index = third.cpu().to(torch.int64)
-        yield inputs.to(device, non_blocking=True), labels.to(device=device, dtype=label_dtype(labels)), index
+        yield to_device(inputs, device), labels.to(device=device, dtype=label_dtype(labels)), index
 
 
 def test_batches(
-    inputs: Tensor, labels: Tensor, device: torch.device, batch_size: int
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """(inputs, labels) of test rows in slices of ``batch_size``, on ``device``."""
+    inputs: Any, labels: Tensor, device: torch.device, batch_size_: int
+) -> Iterator[tuple[Any, Tensor]]:
+    """(inputs, labels) of test rows in slices of ``batch_size_``, on ``device``; inputs
+    may be a tensor or a dict/tuple of batch-first tensors."""
     labels = torch.as_tensor(labels)
-    if len(inputs) != len(labels):
-        raise InfluenceError(f"{len(inputs)} test inputs but {len(labels)} test labels")
-    for start in range(0, len(inputs), batch_size):
+    rows = batch_size(inputs)
+    if rows != len(labels):
+        raise InfluenceError(f"{rows} test inputs but {len(labels)} test labels")
+    for start in range(0, rows, batch_size_):
+        part = slice(start, start + batch_size_)
         yield (
-            inputs[start : start + batch_size].to(device),
-            labels[start : start + batch_size].to(device=device, dtype=label_dtype(labels)),
+            to_device(slice_inputs(inputs, part), device),
+            labels[part].to(device=device, dtype=label_dtype(labels)),
         )
 
 
@@ -149,7 +153,7 @@ def count_examples(loader: Iterable) -> int:
     count = getattr(loader, "num_examples", None)
     if isinstance(count, int):
         return count
-    return sum(int(len(batch[1])) for batch in loader)
+    return sum(int(len(split_batch(batch)[1])) for batch in loader)
 
 
 def dataset_size(loader: Iterable) -> int | None:

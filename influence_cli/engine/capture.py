@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from influence_cli.engine.batches import batch_size, call_model, logits_of, position_mask
 from influence_cli.engine.kernels import Workspace, scratch
 from influence_cli.engine.tracked import column_order
 from influence_cli.errors import InfluenceError
@@ -30,12 +31,20 @@ class LayerBatch:
     g: (n, P, d_out) gradients of the summed loss w.r.t. the layer's outputs.
     perm: columns of ``a`` may be in an internal order (conv patches): internal column j
         is weight column perm[j] (None = weight order). See ``to_weight_order``.
+    count: positions that are real tokens (padding rows of a and g are zero and do not
+        count towards A = E[a aᵀ]); None = every one of the n·P positions.
     The per-example weight gradient is G_i = g_i^T a_i (in the columns' order).
     """
 
     a: Tensor
     g: Tensor
     perm: Tensor | None = None
+    count: int | None = None
+
+    @property
+    def real_positions(self) -> int:
+        """Positions that enter the covariance A (all n·P unless padding was masked)."""
+        return self.a.shape[0] * self.a.shape[1] if self.count is None else self.count
 
     @property
     def n(self) -> int:
@@ -87,6 +96,7 @@ class ActivationCapture:
         self._batch_size = 0
         self._order = 0
         self._perms: dict[str, Tensor | None] = {}
+        self._mask: Tensor | None = None
 
     def __enter__(self) -> "ActivationCapture":
         for name, module in self.modules.items():
@@ -122,13 +132,18 @@ class ActivationCapture:
 
         return hook
 
-    def forward(self, model: nn.Module, inputs: Tensor) -> Tensor:
-        """Run the model once with grad enabled and record every tracked layer."""
-        self._batch_size = inputs.shape[0] if isinstance(inputs, Tensor) else len(inputs)
+    def forward(self, model: nn.Module, inputs: object) -> Tensor:
+        """Run the model once with grad enabled and record every tracked layer.
+
+        ``inputs``: a tensor, a dict of keyword arguments or a tuple (engine/batches.py);
+        its padding mask, if any, zeroes the padded positions of sequence layers.
+        """
+        self._batch_size = batch_size(inputs)
+        self._mask = position_mask(model, inputs)
         for _attempt in range(2):
             self._calls = {name: [] for name in self.modules}
             with torch.enable_grad():
-                output = model(inputs)
+                output = call_model(model, inputs)
             missing = [name for name, calls in self._calls.items() if not calls]
             if missing:
                 self._calls = {}
@@ -197,27 +212,32 @@ class ActivationCapture:
             for name, calls in calls_by_name.items():
                 pieces_a: list[Tensor] = []
                 pieces_g: list[Tensor] = []
+                counts: list[int | None] = []
                 for number, call in enumerate(calls):
                     grad = grads[index]
                     if grad is None:
                         grad = torch.zeros_like(call.output)
                     index += 1
                     tag = f"{name}#{number}" if len(calls) > 1 else name
-                    a, g = self._layer_data(name, self.modules[name], call.inputs, grad, tag)
+                    a, g, count = self._layer_data(name, self.modules[name], call.inputs, grad, tag)
                     pieces_a.append(a)
                     pieces_g.append(g)
+                    counts.append(count)
                 perm = self._perms.get(name)
                 if name not in self._perms:
                     perm = self._perms[name] = column_order(self.modules[name])
                 if len(pieces_a) == 1:
-                    result[name] = LayerBatch(pieces_a[0], pieces_g[0], perm)
+                    result[name] = LayerBatch(pieces_a[0], pieces_g[0], perm, counts[0])
                 else:
                     if len({p.shape[0] for p in pieces_a}) != 1:
                         raise InfluenceError(
                             f"tracked module {name!r} was called on tensors with different "
                             "batch sizes in one forward pass"
                         )
-                    result[name] = LayerBatch(torch.cat(pieces_a, 1), torch.cat(pieces_g, 1), perm)
+                    total = None
+                    if any(c is not None for c in counts):
+                        total = sum(p.shape[0] * p.shape[1] if c is None else c for p, c in zip(pieces_a, counts))
+                    result[name] = LayerBatch(torch.cat(pieces_a, 1), torch.cat(pieces_g, 1), perm, total)
         return result
 
     def _cast(self, t: Tensor) -> Tensor:
@@ -226,7 +246,7 @@ class ActivationCapture:
 
     def _layer_data(
         self, name: str, module: nn.Module, x: Tensor, grad: Tensor, tag: str
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, int | None]:
         n = x.shape[0]
         if n != self._batch_size:
             raise InfluenceError(
@@ -244,7 +264,7 @@ class ActivationCapture:
             g = grad.reshape(n, d_out, -1).transpose(1, 2)  # (n, L, d_out) view
             if g.shape[1] != a.shape[1]:
                 raise InfluenceError(f"unfolded patches of {name!r} do not match its output")
-            return a, g
+            return a, g, None
         if x.dim() < 2:
             raise InfluenceError(f"tracked Linear {name!r} needs batched input (N, ..., d)")
         d_raw = x.shape[-1]
@@ -255,7 +275,17 @@ class ActivationCapture:
             out[:, :, d_raw].fill_(1.0)
             a = out
         g = grad.reshape(n, -1, grad.shape[-1])
-        return a, g
+        return self._masked(a, g)
+
+    def _masked(self, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor, int | None]:
+        """Zero the padded positions of a sequence layer's (a, g) (the forward's mask,
+        when the layer has one row per token): they add nothing to G_i = Σ_t g_t a_tᵀ, to
+        A or to S, and A is normalised by the real positions only."""
+        mask = self._mask
+        if mask is None or a.shape[1] == 1 or mask.shape != a.shape[:2]:
+            return a, g, None
+        keep = mask.to(device=a.device, dtype=a.dtype).unsqueeze(-1)
+        return a * keep, g * keep.to(g.dtype), int(mask.count_nonzero())
 
 
 def conv_patches(
@@ -300,16 +330,3 @@ def conv_patches(
     if has_bias:
         a[:, :, d_raw].fill_(1.0)
     return a
-
-
-
-def logits_of(output: object) -> Tensor:
-    """The logits tensor of a model output (tensor, object with .logits, or tuple)."""
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise InfluenceError("the model must return a logits tensor of shape (N, classes)")

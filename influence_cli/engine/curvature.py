@@ -17,10 +17,11 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from influence_cli.engine.batching import iterate_batches
-from influence_cli.engine.capture import ActivationCapture, LayerBatch, logits_of
+from influence_cli.engine.batches import batch_device, batch_size, forward_logits, functional_logits, slice_inputs
+from influence_cli.engine.capture import ActivationCapture, LayerBatch
 from influence_cli.engine.flat import ParameterLayout
 from influence_cli.engine.losses import output_hessian_product, output_hessian_root, task_loss
 from influence_cli.engine.options import CURVATURES
@@ -67,12 +68,12 @@ def pseudo_gradient_batches(
     if first is None:
         return
     with torch.no_grad():
-        classes = int(logits_of(model(first[0][:1])).shape[-1])
+        classes = int(forward_logits(model, slice_inputs(first[0], slice(0, 1))).shape[-1])
     capture = ActivationCapture(modules, dtype=dtype)
     with torch.no_grad(), capture:
         for inputs, labels in itertools.chain([first], iterator):
-            n = int(inputs.shape[0])
-            rep = inputs.unsqueeze(0).expand(classes, *inputs.shape).reshape(classes * n, *inputs.shape[1:])
+            n = batch_size(inputs)
+            rep = slice_inputs(inputs, torch.arange(n, device=batch_device(inputs)).repeat(classes))
             logits = capture.forward(model, rep)
             with torch.enable_grad():
                 m = output_hessian_root(logits[:n], labels)  # (C, n, C) indexed [c, i, k]
@@ -99,7 +100,7 @@ class CurvatureProducts:
         self.tracked = layout.current()
 
     def _logits(self, params: dict[str, Tensor], inputs: Tensor) -> Tensor:
-        return logits_of(functional_call(self.model, {**self.fixed, **params}, (inputs,)))
+        return functional_logits(self.model, {**self.fixed, **params}, inputs)
 
     def product(self, inputs: Tensor, labels: Tensor, vectors: Tensor) -> Tensor:
         """Σ_i K_i V for the examples of one batch; vectors (k, P) → (k, P)."""

@@ -83,7 +83,7 @@ def covariance_pass(ctx: FitContext, cache_bytes: int = 0) -> tuple[CovarianceSu
                 perms[name] = batch.perm
             accumulate_gram(acc_a[name], a2)
             accumulate_gram_positions(acc_s[name], batch.g, ws)
-            positions[name] += a2.shape[0]
+            positions[name] += batch.real_positions
         if cache is not None:
             size = sum(
                 (b.a.numel() + b.g.numel()) * b.a.element_size() for b in layers.values()
@@ -98,7 +98,7 @@ def covariance_pass(ctx: FitContext, cache_bytes: int = 0) -> tuple[CovarianceSu
                 capture_ws.enabled = True
             elif capture_ws.enabled:  # first batch: its tensors live in the workspace
                 cache.append(
-                    (n, {k: LayerBatch(b.a.clone(), b.g.clone(), b.perm) for k, b in layers.items()})
+                    (n, {k: LayerBatch(b.a.clone(), b.g.clone(), b.perm, b.count) for k, b in layers.items()})
                 )
                 capture_ws.enabled = False  # later batches are fresh tensors: keep them
             else:

@@ -29,6 +29,8 @@ from influence_cli.engine.batching import (
     prepare_model,
     test_batches,
 )
+from influence_cli.engine.batches import batch_device, slice_inputs
+from influence_cli.engine.batches import batch_size as rows_of
 from influence_cli.engine.capture import ActivationCapture, LayerBatch
 from influence_cli.engine.kernels import Workspace
 from influence_cli.engine.losses import MEASUREMENTS, measurement_loss
@@ -121,9 +123,9 @@ def gradient_batches(
     capture = ActivationCapture(modules, workspace=Workspace())
     for inputs, labels in batches:
         with torch.no_grad(), eval_mode(model), capture:
-            with autocast(inputs.device, amp):
+            with autocast(batch_device(inputs), amp):
                 logits = capture.forward(model, inputs)
-            with torch.enable_grad(), autocast(inputs.device, amp):
+            with torch.enable_grad(), autocast(batch_device(inputs), amp):
                 loss = measurement_loss(logits, labels, measurement)
                 layers = capture.gradients(loss)
             del logits, loss
@@ -188,7 +190,7 @@ def self_influence(
 def preconditioned_test_gradients(
     model: nn.Module,
     factors: Any,
-    test_inputs: Tensor,
+    test_inputs: Any,
     test_labels: Tensor,
     *,
     measurement: str = "loss",
@@ -206,14 +208,14 @@ def preconditioned_test_gradients(
         model, bound.modules, test_batches(test_inputs, test_labels, dev, batch_size), measurement,
         "test-gradients", None, amp,
     )
-    return bound.export_side(bound.test_side(batches, len(test_inputs), None))
+    return bound.export_side(bound.test_side(batches, rows_of(test_inputs), None))
 
 
 def pairwise_scores(
     model: nn.Module,
     factors: Any,
     train_loader: Iterable,
-    test_inputs: Tensor,
+    test_inputs: Any,
     test_labels: Tensor,
     *,
     measurement: str = "loss",
@@ -245,7 +247,7 @@ def pairwise_scores(
     if isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 0:
         raise InfluenceError(f"query_rank must be 0 (exact) or a positive integer, not {query_rank!r}")
     dev, bound = _bind(model, factors, device, train_loader, on_batch)
-    num_test = len(test_inputs) if test_gradients is None else int(next(iter(test_gradients.values())).shape[0])
+    num_test = rows_of(test_inputs) if test_gradients is None else int(next(iter(test_gradients.values())).shape[0])
     if num_test == 0:
         raise InfluenceError("no test rows to score")
     group = test_group_rows or max(1, TEST_GROUP_ELEMENTS // max(1, bound.row_elements))
@@ -255,7 +257,7 @@ def pairwise_scores(
         if test_gradients is None:
             batches = gradient_batches(
                 model, bound.modules,
-                test_batches(test_inputs[rows], torch.as_tensor(test_labels)[rows], dev, test_batch_size),
+                test_batches(slice_inputs(test_inputs, rows), torch.as_tensor(test_labels)[rows], dev, test_batch_size),
                 measurement, "test-gradients", on_batch, amp,
             )
             side = bound.test_side(batches, rows.stop - rows.start, dataset_size(train_loader))

@@ -69,8 +69,13 @@ def select_modules(model: nn.Module, patterns: list[str] | None = None) -> dict[
     Every ``nn.Linear`` and ``nn.Conv2d`` (subclasses included), or only those whose name
     matches one of the fnmatch ``patterns``. Parameterised modules that stay untracked
     (BatchNorm, Embedding, grouped convolutions...) are listed in one warning, because
-    their parameters silently drop out of the influence estimate.
+    their parameters silently drop out of the influence estimate. Without patterns, a
+    model's own ``influence_modules`` list of patterns is the default (the Hugging Face
+    wrapper declares the last blocks' projections and the head there, and says so).
     """
+    declared = getattr(model, "influence_modules", None) if patterns is None else None
+    if declared is not None:
+        patterns = list(declared)
     tracked: dict[str, nn.Module] = {}
     untracked: list[str] = []
     candidates: list[str] = []
@@ -86,7 +91,7 @@ def select_modules(model: nn.Module, patterns: list[str] | None = None) -> dict[
                 tracked[name] = module
         elif any(True for _ in module.parameters(recurse=False)):
             untracked.append(f"{label} ({type(module).__name__})")
-    if untracked:
+    if untracked and declared is None:
         warnings.warn(
             "influence: parameters of these modules are not tracked (only Linear and "
             "ungrouped zero-padded Conv2d are): " + ", ".join(untracked),

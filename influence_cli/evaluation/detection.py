@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from influence_cli.engine.batches import forward_logits
 from influence_cli import __version__
 from influence_cli.config import Config
 from influence_cli.errors import InflError
@@ -112,7 +113,7 @@ def per_example_loss(model: torch.nn.Module, dataset: Any, batch_size: int = 512
     device = next(model.parameters()).device
     out = []
     for x, y, _idx in BatchLoader(dataset, batch_size):
-        logits = model(x.to(device)).double()
+        logits = forward_logits(model, x.to(device)).double()
         out.append(F.cross_entropy(logits, y.to(device), reduction="none").cpu())
     model.train(was_training)
     return torch.cat(out).numpy()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from influence_cli.engine.batches import forward_logits
 from influence_cli.errors import InflError
 from influence_cli.models import build_model
 from influence_cli.progress import Reporter
@@ -43,7 +44,7 @@ def measure(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, 
     """Per-row loss (cross-entropy) or margin (logit_y − logsumexp of the other logits)."""
     model.eval()
     device = next(model.parameters()).device
-    logits = torch.cat([model(inputs[i : i + 512].to(device)).double().cpu() for i in range(0, len(inputs), 512)])
+    logits = torch.cat([forward_logits(model, inputs[i : i + 512].to(device)).double().cpu() for i in range(0, len(inputs), 512)])
     labels = labels.long()
     if measurement == "loss":
         return F.cross_entropy(logits, labels, reduction="none").numpy()
@@ -114,7 +115,7 @@ class RetrainingPlan:
         config, data = self.config, self.data
         seed = retrain_seed(config.seed, r, s)
         start = time.perf_counter()
-        model = build_model(config.model, tuple(data.input_shape), len(data.class_names), seed=seed)
+        model = build_model(config.model, tuple(data.input_shape), len(data.class_names), seed=seed, base_dir=config.base_dir)
         subset = data.train.subset(self.subset_idx[r])
         # a quiet reporter: train_model's own bar would nest inside ours
         train_model(model, subset, config.train, seed=seed, device=self.device, reporter=Reporter())
