@@ -91,6 +91,11 @@ class Session:
             self.datasets = load_datasets(
                 self.config, self.run.root / "cache", build_datasets, write=self.dist.is_main
             )
+            if self.config.data.label_overrides:
+                from influence_cli.data.overrides import apply_label_overrides
+
+                path = self.config.resolve_path(self.config.data.label_overrides)
+                self.datasets = apply_label_overrides(self.datasets, path)
         return self.datasets
 
     def data_fingerprint(self) -> str:

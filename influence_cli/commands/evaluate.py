@@ -25,6 +25,11 @@ def evaluate(
         "(AUROC, average precision, precision@k, recall in the top 5/10/20 %). Default 0.1 when --lds is not given.",
     ),
     kind: str = typer.Option("uniform", "--kind", help="Label noise: uniform (random other class) or class_conditional (a fixed confusion)."),
+    fix: bool = typer.Option(
+        False, "--fix", help="Fixing curve instead of detection: check 5..30 % of the training set in each ranking's "
+        "order, let an oracle restore the flipped labels found, and report flips found and test accuracy after "
+        "retraining and after the influence relabel correction (runs/<name>-noise<F>-<kind>/fixing.json, fixing.html).",
+    ),
     lds: bool = typer.Option(False, "--lds", help="Linear datamodeling score: retrain on random subsets and correlate with predicted effects."),
     subsets: int = typer.Option(100, "--subsets", min=2, help="LDS: number of random training subsets (each retraining is cached)."),
     fraction: float = typer.Option(0.5, "--fraction", min=0.01, max=0.99, help="LDS: share of the training set in each subset."),
@@ -60,7 +65,7 @@ def evaluate(
     tune = _tune_settings(grid, tune_subsets, strategies) if tune_damping else None
     session = open_session(config, set_)
     start = time.perf_counter()
-    settings = dict(noise=noise, noise_kind=kind, lds=lds, subsets=subsets, fraction=fraction, seeds=seeds, tune=tune)
+    settings = dict(noise=noise, noise_kind=kind, lds=lds, subsets=subsets, fraction=fraction, seeds=seeds, tune=tune, fix=fix)
     run_evaluate(
         session.config,
         **settings,
@@ -68,7 +73,7 @@ def evaluate(
         measurement=measurement,
         strategies=strategies,
         reporter=session.reporter,
-        on_result=lambda part, result: render_evaluation(part, result, err),
+        on_result=lambda part, result: (show_fixing if part == "fixing" else render_evaluation)(part, result, err),
     )
     err.print(f"evaluation finished in {time.perf_counter() - start:.1f} s", highlight=False)
 
@@ -84,3 +89,17 @@ def _tune_settings(grid: str, subsets: int, strategies: Optional[List[str]]) -> 
     if strategies and len(set(strategies)) > 1:
         raise InflError("--tune-damping tunes one strategy; give at most one -s (default: influence.strategy)")
     return {"grid": factors, "subsets": subsets, "strategy": strategies[0] if strategies else None}
+
+
+def show_fixing(part: str, result: dict, console: object) -> None:
+    """The fixing curve's table, and its plots in fixing.html beside fixing.json."""
+    from pathlib import Path
+
+    from rich.markup import escape
+
+    from influence_cli.render.fixing import render_fixing_curve
+    from influence_cli.render.fixing_html import write_fixing_html
+
+    render_fixing_curve(result, console)
+    page = write_fixing_html(result, Path(result["run_dir"]) / "fixing.html")
+    console.print(f"→ {escape(str(Path(result['run_dir']) / 'fixing.json'))}, {escape(str(page))}", highlight=False)

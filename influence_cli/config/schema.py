@@ -102,6 +102,10 @@ class DataConfig(_Strict):
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     label_noise: LabelNoiseConfig = Field(default_factory=LabelNoiseConfig)
+    label_overrides: Optional[str] = Field(
+        None, description="CSV of id,label rows replacing those training labels (after label_noise); "
+        "`infl fix --action relabel` writes one"
+    )
 
     @field_validator("image_size")
     @classmethod
@@ -348,7 +352,8 @@ class OutputConfig(_Strict):
 
 #: Config keys that name where files are (resolved against the config's folder), not what they hold.
 PATH_KEYS: dict[str, tuple[str, ...]] = {
-    "data": ("root", "path", "train_path", "test_path", "factory_path"), "model": ("checkpoint", "factory_path", "name_or_path"),
+    "data": ("root", "path", "train_path", "test_path", "factory_path", "label_overrides"),
+    "model": ("checkpoint", "factory_path", "name_or_path"),
 }
 
 

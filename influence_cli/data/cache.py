@@ -110,6 +110,7 @@ def _stat(path: Path) -> Optional[list[int]]:
 
 def cache_key(config: Config) -> str:
     dumped = config.resolved_dump()["data"]
+    dumped.pop("label_overrides", None)  # applied after the cache (app.session), not cached
     blob = json.dumps({"format": CACHE_FORMAT, "data": dumped, "seed": config.seed, "code": _code_hash()},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -18,6 +18,7 @@ Layers (each imports only the ones above it):
   strategies (per-layer eigenbases + eigenvalues) and their fast scoring paths;
 - flat, curvature, solvers/: the strategies over the whole parameter vector;
 - scoring: the one self-influence / pairwise loop over any bound preconditioner;
+- correction: remove / relabel parameter steps θ ± (1/n)·P·Σg through the same bound P;
 - api: fit_factors / load_factors / factors_from_sums by strategy name.
 
 The names of the numerical layers are loaded on first use (PEP 562), so that
@@ -52,6 +53,9 @@ _LAZY = {
     "self_influence": "scoring", "pairwise_scores": "scoring", "preconditioned_test_gradients": "scoring",
     "gradient_batches": "scoring", "TopInfluences": "scoring", "BoundPreconditioner": "scoring",
     "measurement_loss": "scoring", "MEASUREMENTS": "scoring",
+    # parameter corrections (remove / relabel without retraining)
+    "correction_direction": "correction", "correct_model": "correction", "apply_correction": "correction",
+    "Correction": "correction", "CorrectionResult": "correction", "untracked_parameters": "correction",
     # block strategies
     "Factors": "factors", "dense_preconditioner": "factors",
     "LayerFactors": "operators", "LayerOperator": "operators", "precondition": "operators",

@@ -54,14 +54,14 @@ def run_evaluate(
     reporter: Any = None,
     on_result: Optional[Callable[[str, dict[str, Any]], None]] = None,
     tune: Optional[dict[str, Any]] = None,
+    fix: bool = False,
 ) -> dict[str, Any]:
     """``infl evaluate``: noise detection when ``noise`` is given, LDS when ``lds``; with
     neither, noise detection at 0.1. Calls ``on_result(part, result)`` as each part
     finishes (the CLI draws its table there) and returns
-    ``{"noise_detection": {...}, "lds": {...}}`` (only the parts that ran)."""
+    ``{"noise_detection": {...}, "lds": {...}}`` (only the parts that ran). ``fix``: the
+    fixing curve at ``noise`` (default 0.1) instead of noise detection (``"fixing"``)."""
     strategies = list(strategies) if strategies is not None else None
-    if noise is None and not lds and tune is None:
-        noise = 0.1
     out: dict[str, Any] = {}
     if tune is not None:  # first, so that --lds with damping: tuned already sees the new factor
         from .tuning import tune_damping
@@ -70,6 +70,19 @@ def run_evaluate(
                                              reporter=reporter, **tune)
         if on_result is not None:
             on_result("damping_tuning", out["damping_tuning"])
+    if fix:
+        from .fixing import evaluate_fixing
+
+        out["fixing"] = evaluate_fixing(
+            config, fraction=0.1 if noise is None else noise, kind=noise_kind, strategies=strategies, reporter=reporter
+        )
+        if on_result is not None:
+            on_result("fixing", out["fixing"])
+        noise = None
+        if not lds:
+            return out
+    if noise is None and not lds and tune is None and not fix:
+        noise = 0.1
     if noise is not None:
         out["noise_detection"] = evaluate_noise_detection(
             config, fraction=noise, kind=noise_kind, strategies=strategies, reporter=reporter
