@@ -18,6 +18,7 @@ Layers (each imports only the ones above it):
   strategies (per-layer eigenbases + eigenvalues) and their fast scoring paths;
 - flat, curvature, solvers/: the strategies over the whole parameter vector;
 - scoring: the one self-influence / pairwise loop over any bound preconditioner;
+  value: the influence of each training example on a whole query set (one pass);
 - api: fit_factors / load_factors / factors_from_sums by strategy name.
 
 The names of the numerical layers are loaded on first use (PEP 562), so that
@@ -52,6 +53,7 @@ _LAZY = {
     "self_influence": "scoring", "pairwise_scores": "scoring", "preconditioned_test_gradients": "scoring",
     "gradient_batches": "scoring", "TopInfluences": "scoring", "BoundPreconditioner": "scoring",
     "measurement_loss": "scoring", "MEASUREMENTS": "scoring",
+    "value_scores": "value", "summed_query_gradients": "value",
     # block strategies
     "Factors": "factors", "dense_preconditioner": "factors",
     "LayerFactors": "operators", "LayerOperator": "operators", "precondition": "operators",
