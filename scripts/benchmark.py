@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the influence engine on the workloads of ARCHITECTURE.md.
 
-    python scripts/benchmark.py {fit-factors,self-influence,score} [--workload mlp784|cnn32|all]
+    python scripts/benchmark.py {fit-factors,self-influence,score,value} [--workload mlp784|cnn32|all]
                                 [--kronfluence] [--repeat N]
     python scripts/benchmark.py --whole-process [--workload ...] [--repeat N]   (CLI commands)
 
@@ -9,7 +9,9 @@ Each workload: synthetic seeded data, the model trained ~1 epoch with Adam, CPU,
 torch.set_num_threads(2), float32. Every measured stage runs in its own subprocess so
 its peak RSS is its own; times are reported in-process and as a whole process, and as
 a ratio to one forward+backward epoch (summed CE, weight grads, no optimizer step,
-median of 3 after a warm-up epoch) measured in the same run. Each stage process first
+median of 3 after a warm-up epoch) measured in the same run. ``value``: value_scores of
+the first VALUE_QUERY_ROWS training rows as the query set (one summed query gradient,
+one solve, one pass over the training set). Each stage process first
 runs one warm-up forward+backward batch (not timed), then the stage once.
 
 More workloads (e.g. ``digits-mlp``) plug in as entries of ``WORKLOADS``.
@@ -40,6 +42,7 @@ from torch import nn  # noqa: E402
 
 THREADS = 2
 SEED = 0
+VALUE_QUERY_ROWS = 1_000
 
 
 # ------------------------------------------------------------------ workloads
@@ -195,6 +198,15 @@ def run_stage(stage: str, workload: Workload, directory: Path) -> dict:
         result["seconds"] = time.perf_counter() - t0
         if stage == "score-full":
             result["note"] = f"T×N={tuple(out.shape)}"
+    elif stage == "value":
+        from influence_cli.engine import value_scores
+
+        factors = Factors.load(factors_dir)
+        qx, qy = blob["x"][:VALUE_QUERY_ROWS], blob["y"][:VALUE_QUERY_ROWS]
+        t0 = time.perf_counter()
+        out = value_scores(model, factors, loader, qx, qy)
+        result["seconds"] = time.perf_counter() - t0
+        result["note"] = f"T={len(qx)} N={len(out)}"
     elif stage.startswith("kronfluence-"):
         result.update(_kronfluence(stage.split("-", 1)[1], model, blob, workload, directory))
     else:
@@ -285,12 +297,14 @@ STAGES = {
     "fit-factors": ["fit-factors"],
     "self-influence": ["self-influence"],
     "score": ["score-top10", "score-full"],
+    "value": ["value"],
 }
 KRONFLUENCE = {"fit-factors": "kronfluence-fit", "self-influence": "kronfluence-self", "score": "kronfluence-score"}
 TARGETS = {
     ("mlp784", "fit-factors"): 4, ("cnn32", "fit-factors"): 4,
     ("mlp784", "self-influence"): 3, ("cnn32", "self-influence"): 6,
     ("cnn32", "score-top10"): 2, ("cnn32", "score-full"): 2,
+    ("mlp784", "value"): 2, ("cnn32", "value"): 3,
 }
 
 
@@ -333,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             workload = WORKLOADS[name]
             prepare(workload, directory)
             stages = list(STAGES[args.stage])
-            if use_kron:
+            if use_kron and args.stage in KRONFLUENCE:
                 stages.append(KRONFLUENCE[args.stage])
             if args.stage != "fit-factors":
                 prep = measure("fit-factors", workload, directory)  # factors for the later stages

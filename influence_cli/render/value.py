@@ -94,4 +94,62 @@ def harmful_gallery_html(table: pd.DataFrame, set_name: str, display: Callable[[
     )
 
 
-__all__ = ["harmful_gallery_html", "render_value_tables", "value_summary"]
+_METHOD_NAMES = {"most_harmful": "most harmful", "random": "random", "highest_loss": "highest loss"}
+
+
+def _mean_std(entry: dict[str, Any], key: str, percent: bool = False, spread: bool = True) -> str:
+    cell = entry.get(key) or {}
+    mean, std = cell.get("mean"), cell.get("std")
+    if mean is None:
+        return "—"
+    scale = 100.0 if percent else 1.0
+    text = f"{scale * mean:.1f}" if percent else f"{mean:.3f}"
+    if std and spread:
+        text += f"±{scale * std:.1f}" if percent else f"±{std:.3f}"
+    return text
+
+
+def render_value_evaluation(result: dict[str, Any], console: Any) -> None:
+    """``infl evaluate --value``'s table: each K and method next to the full-data model."""
+    seeds = len(result.get("seeds", [])) or 1
+    noise = result.get("noise")
+    title = (
+        f"Dropping training examples — {result['config']}: value on {result['validation_rows']} validation rows, "
+        f"measured on {result['heldout_rows']} held-out rows"
+        + (f", mean (held-out: ± std) over {seeds} seeds" if seeds > 1 else "")
+    )
+    table = Table(title=escape(title), box=box.SIMPLE_HEAD, header_style="bold", title_style="bold", pad_edge=False)
+    for header in ("K", "dropped", "val\nloss", "val\nacc%", "held-out\nloss", "held-out\nacc%"):
+        table.add_column(header, justify="left" if header == "dropped" else "right", no_wrap=True)
+    if noise:
+        table.add_column("flipped\ndropped", justify="right", no_wrap=True)
+
+    def row(k: str, name: str, entry: dict[str, Any], style: Any = None) -> None:
+        cells = [k, name, _mean_std(entry, "validation_loss", spread=False),
+                 _mean_std(entry, "validation_accuracy", True, spread=False),
+                 _mean_std(entry, "heldout_loss"), _mean_std(entry, "heldout_accuracy", True)]
+        if noise:
+            cells.append(str(entry.get("flipped_dropped", "—")))
+        table.add_row(*cells, style=style)
+
+    row("0", "none (full)", result["full"], "dim")
+    for removal in result["removals"]:
+        table.add_section()
+        k = f"{removal['k']} ({100 * removal['fraction']:.0f}%)"
+        best = min(METHODS_ORDER, key=lambda m: (removal[m]["heldout_loss"]["mean"] or float("inf")))
+        for method in METHODS_ORDER:
+            row(k if method == METHODS_ORDER[0] else "", _METHOD_NAMES[method], removal[method],
+                "bold" if method == best else None)
+    console.print(table)
+    rt = result["retraining"]
+    extra = f"; flipped dropped: how many of the dropped examples had a flipped label ({noise['flipped']} in all)" if noise else ""
+    console.print(
+        f"strategy {escape(result['strategy'])}; bold = lowest held-out loss at that K{extra}; retrainings: "
+        f"{rt['trained_now']} now, {rt['reused']} reused",
+        highlight=False,
+    )
+
+
+METHODS_ORDER = ("most_harmful", "random", "highest_loss")
+
+__all__ = ["harmful_gallery_html", "render_value_evaluation", "render_value_tables", "value_summary"]
