@@ -75,7 +75,7 @@ def test_value_csv_is_the_summed_matrix_most_harmful_first(tiny: Path) -> None:
 
 
 def test_only_misclassified_is_the_sum_over_the_wrong_rows(tiny: Path) -> None:
-    matrix, scores = matrix_of(tiny, tiny.parent / "all.csv")
+    _, scores = matrix_of(tiny, tiny.parent / "all.csv")
     rows = scores.drop_duplicates("test_index").set_index("test_index").sort_index()
     wrong = (rows["test_label"] != rows["test_predicted"]).to_numpy()
     assert 0 < wrong.sum() < 20

@@ -32,7 +32,7 @@ from influence_cli.engine.capture import LayerBatch
 from influence_cli.engine.scoring import _bind, _check_measurement, _finite, gradient_batches
 from influence_cli.errors import InfluenceError
 
-__all__ = ["value_scores", "summed_query_gradients", "REDUCTIONS"]
+__all__ = ["REDUCTIONS", "as_one_example", "summed_query_gradients", "value_scores"]
 
 REDUCTIONS = ("sum", "mean")
 _VALUE_MESSAGE = "value scores are not finite (check the damping and inputs)"

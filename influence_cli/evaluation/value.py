@@ -46,7 +46,7 @@ from influence_cli.run import atomic_write_json, hash_object, is_sealed, read_js
 from .common import Stopwatch, clean_number, json_safe
 from .retraining import train_subset
 
-__all__ = ["METHODS", "parse_k", "split_halves", "evaluate_value"]
+__all__ = ["METHODS", "evaluate_value", "loss_accuracy", "parse_k", "split_halves"]
 
 METHODS = ("most_harmful", "random", "highest_loss")
 METRICS = ("validation_loss", "validation_accuracy", "heldout_loss", "heldout_accuracy")
@@ -62,7 +62,7 @@ def parse_k(text: Any, n: int) -> int:
     if raw.endswith("%") or (0 < value < 1 and "." in raw):
         if not 0 < value < 1:
             raise InflError(f"--value: {raw} is not a fraction in (0, 1)")
-        k = int(round(value * n))
+        k = round(value * n)
     elif value.is_integer():
         k = int(value)
     else:
