@@ -134,3 +134,16 @@ def test_bad_options_are_one_line(tiny: Path) -> None:
         result = cli("value", "-c", str(tiny), *args)
         assert result.exit_code == 2 and message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+def test_report_refuses_a_foreign_value_csv(tiny: Path) -> None:
+    assert cli("value", "-c", str(tiny)).exit_code == 0
+    path = run_dir(tiny) / "value.csv"
+    table = read_value(tiny)
+    table.loc[0, "index"] = 600  # not a row of this run's 60 training examples
+    table.to_csv(path, index=False)
+    result = cli("report", "-c", str(tiny))
+    assert result.exit_code == 2 and "value.csv" in result.output and "rerun `infl value`" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert cli("value", "-c", str(tiny)).exit_code == 0  # a fresh ranking mends it
+    assert cli("report", "-c", str(tiny)).exit_code == 0

@@ -18,7 +18,7 @@ from influence_cli.terminal import err
 @command("value")
 def value(
     query_csv: Optional[Path] = typer.Argument(
-        None, metavar="[QUERY_CSV]",
+        None, metavar="QUERY_CSV",
         help="Rows whose loss to explain, in `infl score`'s formats: an 'index' column (rows of the test split), "
         "'path' (image files, relative to the CSV) or the feature columns; optional 'label' and 'id'. "
         "Default: the split given by --split.",
