@@ -8,11 +8,9 @@ ever unpickled.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import pickle
 import re
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -88,18 +86,9 @@ def _names_parameter(function: Callable[..., Any], name: str) -> bool:
 
 def _factory(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     assert cfg.factory is not None
-    module_name, _, function_name = cfg.factory.partition(":")
-    if cfg.factory_path:
-        folder = str(Path(cfg.factory_path).expanduser().resolve())
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # the user's module may raise anything on import
-        raise ModelError(f"model.factory: cannot import '{module_name}': {type(exc).__name__}: {exc} (set model.factory_path to its folder)") from None
-    function: Callable[..., Any] | None = getattr(module, function_name, None)
-    if not callable(function):
-        raise ModelError(f"model.factory: '{module_name}' has no function '{function_name}'")
+    from influence_cli.plugins import import_callable
+
+    function = import_callable(cfg.factory, cfg.factory_path, "model.factory", ModelError)
     kwargs = dict(cfg.factory_kwargs)
     # input_shape / num_classes only go to a factory that names them: one taking **kwargs
     # (torchvision's resnet18 forwards them to ResNet.__init__) gets factory_kwargs alone.

@@ -69,13 +69,20 @@ def train_model(
     device: torch.device,
     reporter: Reporter | None = None,
 ) -> dict[str, float]:
-    """Train in place with mean cross-entropy; returns the final epoch's mean loss and time."""
+    """Train in place with mean cross-entropy (mean ½ squared error for float labels,
+    task: regression); returns the final epoch's mean loss and time."""
     reporter = reporter or Reporter()
     torch.manual_seed(seed)
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
     loader = BatchLoader(train_set, cfg.batch_size, shuffle=True, seed=seed)
-    loss_fn = nn.CrossEntropyLoss()
+    if train_set.labels.is_floating_point():
+        from influence_cli.engine.losses import task_loss
+
+        def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return task_loss(out, y) / len(y)
+    else:
+        loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
     last_loss = float("nan")
     with torch_threads(threads_for(model, cfg.batch_size, device)), reporter.task(f"training {cfg.epochs} epochs", cfg.epochs * len(loader)) as advance:
@@ -99,18 +106,27 @@ def train_model(
 
 @torch.no_grad()
 def predict_probs(model: nn.Module, dataset: Any, *, batch_size: int = 512, device: torch.device | None = None) -> torch.Tensor:
-    """Softmax probabilities for every example, in dataset order, on the CPU."""
+    """Softmax probabilities for every example, in dataset order, on the CPU; for a
+    regression set (float labels) the model's raw outputs, (N, outputs)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
+    regression = dataset.labels.is_floating_point()
     for x, _y, _idx in BatchLoader(dataset, batch_size):
-        out.append(torch.softmax(model(x.to(device)).float(), dim=1).cpu())
+        outputs = model(x.to(device)).float()
+        out.append((outputs.reshape(len(x), -1) if regression else torch.softmax(outputs, dim=1)).cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of argmax classes equal to the labels; for regression (float labels) the
+    coefficient of determination R² of the first output."""
     if len(labels) == 0:
         return float("nan")
+    if labels.is_floating_point():
+        y, f = labels.double().reshape(-1), probs.double()[:, 0]
+        total = float(((y - y.mean()) ** 2).sum())
+        return 1.0 - float(((y - f) ** 2).sum()) / total if total > 0 else float("nan")
     return float((probs.argmax(1) == labels).float().mean())

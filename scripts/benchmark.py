@@ -4,6 +4,8 @@
     python scripts/benchmark.py {fit-factors,self-influence,score,value} [--workload mlp784|cnn32|all]
                                 [--kronfluence] [--repeat N]
     python scripts/benchmark.py --whole-process [--workload ...] [--repeat N]   (CLI commands)
+    python scripts/benchmark.py lowrank [--workload mlp784] [--rank 32]   (exact vs query_rank)
+    python scripts/benchmark.py all --workload resnet18 --memory          (the real-size model)
 
 Each workload: synthetic seeded data, the model trained ~1 epoch with Adam, CPU,
 torch.set_num_threads(2), float32. Every measured stage runs in its own subprocess so
@@ -43,6 +45,7 @@ from torch import nn  # noqa: E402
 THREADS = 2
 SEED = 0
 VALUE_QUERY_ROWS = 1_000
+RANK = [32]  # query_rank of the "score-rank" stage (--rank)
 
 
 # ------------------------------------------------------------------ workloads
@@ -69,6 +72,13 @@ def _cnn32() -> nn.Module:
     )
 
 
+def _resnet18() -> nn.Module:
+    """torchvision's ResNet-18 with a 10-class head (11.2 M weights; BatchNorm untracked)."""
+    from torchvision.models import resnet18
+
+    return resnet18(num_classes=10)
+
+
 def _teacher_labels(features: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Labels from a random linear teacher plus noise: learnable but not trivial."""
     w = torch.randn(features.shape[1], 10, generator=gen)
@@ -90,10 +100,22 @@ def _cnn32_data():
     return x[:5_000], y[:5_000], x[5_000:], y[5_000:]
 
 
+def _resnet18_data():
+    """2,000 generated 3×32×32 images (no download) and 10 test rows: the per-row test
+    side of ResNet-18 is 11.2 M weights, so a few rows already fill a 128 Mi group."""
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(2_010, 3, 32, 32, generator=gen)
+    y = _teacher_labels(F.avg_pool2d(x, 8).flatten(1), gen)
+    return x[:2_000], y[:2_000], x[2_000:], y[2_000:]
+
+
 WORKLOADS: dict[str, Workload] = {
     "mlp784": Workload("mlp784", _mlp784, _mlp784_data, 512),
     "cnn32": Workload("cnn32", _cnn32, _cnn32_data, 256),
+    "resnet18": Workload("resnet18", _resnet18, _resnet18_data, 128),
 }
+# "--workload all": the small workloads; resnet18 (minutes of CPU) only when named.
+SMALL_WORKLOADS = ("mlp784", "cnn32")
 
 
 class Batches:
@@ -190,12 +212,13 @@ def run_stage(stage: str, workload: Workload, directory: Path) -> dict:
         scores = self_influence(model, factors, loader)
         result["seconds"] = time.perf_counter() - t0
         result["note"] = f"N={len(scores)}"
-    elif stage in ("score-top10", "score-full"):
+    elif stage in ("score-top10", "score-full", "score-rank"):
         factors = Factors.load(factors_dir)
+        rank = RANK[0] if stage == "score-rank" else 0
         t0 = time.perf_counter()
         out = pairwise_scores(
             model, factors, loader, blob["xt"], blob["yt"],
-            top=10 if stage == "score-top10" else None,
+            top=10 if stage == "score-top10" else None, query_rank=rank,
         )
         result["seconds"] = time.perf_counter() - t0
         if stage == "score-full":
@@ -210,6 +233,9 @@ def run_stage(stage: str, workload: Workload, directory: Path) -> dict:
         result["seconds"] = time.perf_counter() - t0
         result["cpu_seconds"] = time.process_time() - c0  # CPU time: less hit by other processes
         result["note"] = f"T={len(qx)} N={len(out)}"
+        if stage != "score-top10":
+            result["note"] = f"T×N={tuple(out.shape)}" + (f", query_rank={rank}" if rank else "")
+            torch.save(out, directory / f"{workload.name}-{stage}.pt")
     elif stage.startswith("kronfluence-"):
         result.update(_kronfluence(stage.split("-", 1)[1], model, blob, workload, directory))
     else:
@@ -283,7 +309,7 @@ def _kronfluence(what: str, model: nn.Module, blob: dict, workload: Workload, di
 def measure(stage: str, workload: Workload, directory: Path) -> dict:
     """Run one stage in a fresh interpreter; add its whole-process wall time."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_stage", stage,
-           "--workload", workload.name, "--_dir", str(directory)]
+           "--workload", workload.name, "--_dir", str(directory), "--rank", str(RANK[0])]
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -301,12 +327,16 @@ STAGES = {
     "self-influence": ["self-influence"],
     "score": ["score-top10", "score-full"],
     "value": ["value"],
+    "all": ["fit-factors", "self-influence", "score-top10"],  # the resnet18 rows
+    "lowrank": ["score-full", "score-rank"],  # exact vs query_rank, with their agreement
 }
 KRONFLUENCE = {"fit-factors": "kronfluence-fit", "self-influence": "kronfluence-self", "score": "kronfluence-score"}
 TARGETS = {
     ("mlp784", "fit-factors"): 4, ("cnn32", "fit-factors"): 4,
     ("mlp784", "self-influence"): 3, ("cnn32", "self-influence"): 6,
     ("cnn32", "score-top10"): 2, ("cnn32", "score-full"): 2,
+    ("mlp784", "score-rank"): 10,
+    ("resnet18", "fit-factors"): 6, ("resnet18", "self-influence"): 6, ("resnet18", "score-top10"): 6,
     ("mlp784", "value"): 2, ("cnn32", "value"): 3,
 }
 
@@ -323,9 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kronfluence", action="store_true", help="also run kronfluence's ekfac if importable")
     parser.add_argument("--repeat", type=int, default=1,
                         help="repeat epoch + stage measurements and report medians (noisy machines)")
+    parser.add_argument("--memory", action="store_true",
+                        help="add each stage's peak RSS over its start and the docs/memory.md formula")
+    parser.add_argument("--rank", type=int, default=32, help="query_rank of the lowrank mode (default 32)")
     parser.add_argument("--_stage", help=argparse.SUPPRESS)
     parser.add_argument("--_dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    RANK[0] = args.rank
 
     if args._stage:  # inside a measured subprocess
         print(json.dumps(run_stage(args._stage, WORKLOADS[args.workload], Path(args._dir))))
@@ -334,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("a stage is required")
 
     torch.set_num_threads(THREADS)
-    names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    names = list(SMALL_WORKLOADS) if args.workload == "all" else [args.workload]
     use_kron = False
     if args.kronfluence:
         try:
@@ -343,16 +377,17 @@ def main(argv: list[str] | None = None) -> int:
             use_kron = True
         except ImportError:
             print("kronfluence is not importable here; skipping the side-by-side run.")
-    rows = []
+    rows, agreement = [], []
     with tempfile.TemporaryDirectory(prefix="infl-bench-") as tmp:
         directory = Path(tmp)
         for name in names:
             workload = WORKLOADS[name]
             prepare(workload, directory)
+            formula = _formulas(workload, directory) if args.memory else {}
             stages = list(STAGES[args.stage])
             if use_kron and args.stage in KRONFLUENCE:
                 stages.append(KRONFLUENCE[args.stage])
-            if args.stage != "fit-factors":
+            if "fit-factors" not in stages:
                 prep = measure("fit-factors", workload, directory)  # factors for the later stages
                 if "error" in prep:
                     print(f"{name}: fitting factors failed: {prep['error']}")
@@ -373,17 +408,58 @@ def main(argv: list[str] | None = None) -> int:
                         res["ratio"] = res["seconds"] / epoch["seconds"]
                         if "cpu_seconds" in res and "cpu_seconds" in epoch:
                             res["cpu_ratio"] = res["cpu_seconds"] / epoch["cpu_seconds"]
+                        if stage in formula and res.get("stage_peak_mb") and res.get("rss_before_mb"):
+                            grown = res["stage_peak_mb"] - res["rss_before_mb"]
+                            res["note"] = " ".join(filter(None, [res.get("note"), (
+                                f"peak {grown:.0f} MB over start, formula {formula[stage]:.0f} MB"
+                                f" ({grown / formula[stage]:.2f}×)")]))
                     results[stage].append(res)
             if not epochs:
                 continue
             rows.append(_row(name, "fwd+bwd epoch", [dict(e, ratio=1.0) for e in epochs], None))
             for stage in stages:
                 rows.append(_row(name, stage, results[stage], TARGETS.get((name, stage))))
+            if args.stage == "lowrank":
+                agreement.append((name, _agreement(directory, name)))
     if args.repeat > 1:
         print(f"medians of {args.repeat} repetitions; × epoch pairs each stage with the epoch "
               "measured just before it")
     _print_table(rows)
+    for name, text in agreement:
+        print(f"{name}: query_rank={RANK[0]} against exact: {text}")
     return 0
+
+
+def _agreement(directory: Path, name: str) -> str:
+    """Top-10 proponent overlap and Spearman rank correlation per test row (means, and
+    the worst row), low-rank against exact scores of the same run."""
+    paths = [directory / f"{name}-{stage}.pt" for stage in ("score-full", "score-rank")]
+    if not all(p.is_file() for p in paths):
+        return "not measured (a stage failed)"
+    exact, approx = (torch.load(p).double() for p in paths)
+    top_e, top_a = exact.topk(10, dim=1).indices, approx.topk(10, dim=1).indices
+    overlap = torch.tensor([len(set(e.tolist()) & set(a.tolist())) / 10 for e, a in zip(top_e, top_a)])
+
+    def ranks(x: torch.Tensor) -> torch.Tensor:
+        return x.argsort(dim=1).argsort(dim=1).double()
+
+    re, ra = ranks(exact), ranks(approx)
+    re, ra = re - re.mean(1, keepdim=True), ra - ra.mean(1, keepdim=True)
+    rho = (re * ra).sum(1) / (re.norm(dim=1) * ra.norm(dim=1))
+    rel = float((approx - exact).norm() / exact.norm())
+    return (f"top-10 proponent overlap mean {overlap.mean():.3f} (worst row {overlap.min():.1f}), "
+            f"Spearman mean {rho.mean():.4f} (worst row {rho.min():.4f}), "
+            f"relative Frobenius error {rel:.3g}")
+
+
+def _formulas(workload: Workload, directory: Path) -> dict[str, float]:
+    """docs/memory.md's bytes beyond the start of each stage, in MB (scripts/memory_check.py)."""
+    from memory_check import MB, formulas, layer_sizes
+
+    model, blob = load(workload, directory)
+    layers, acts = layer_sizes(model, blob["x"])
+    values = formulas(layers, acts, len(blob["x"]), workload.batch_size, len(blob["xt"]))
+    return {stage: value / MB for stage, value in values.items()}
 
 
 def _row(name: str, stage: str, runs: list[dict], target: float | None) -> tuple:

@@ -22,24 +22,8 @@ from influence_cli.engine import (
     gradient_batches,
     self_influence,
 )
-
-
-class Data:
-    def __init__(self, x, y):
-        self.inputs, self.labels = x, y
-
-    def __len__(self):
-        return len(self.labels)
-
-
-class Loader:
-    def __init__(self, x, y, size):
-        self.dataset, self.size = Data(x, y), size
-        self.num_examples = len(y)
-
-    def __iter__(self):
-        for i in range(0, len(self.dataset.labels), self.size):
-            yield self.dataset.inputs[i : i + self.size], self.dataset.labels[i : i + self.size]
+from influence_cli.data.dataset import ExampleSet
+from influence_cli.loaders import BatchLoader
 
 
 def main() -> None:
@@ -56,7 +40,7 @@ def main() -> None:
         F.cross_entropy(model(x), y).backward()
         opt.step()
     acc = float((model(x).argmax(1) == y).float().mean())
-    loader = Loader(x, y, 256)
+    loader = BatchLoader(ExampleSet(x, y, [str(i) for i in range(len(y))]), 256)
     print(f"train accuracy {acc:.3f}")
 
     t = time.perf_counter()

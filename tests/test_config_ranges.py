@@ -52,6 +52,7 @@ BOUNDS: dict[str, tuple[list[Any], list[Any]]] = {
     "influence.lissa.batch_size": ([1], [0]),
     "influence.batch_size": ([1], [0]),
     "influence.num_workers": ([0], [-1]),
+    "influence.query_rank": ([0, 32], [-1]),
     "audit.top": ([1], [0]),
     "audit.flag.k": ([0, 0.0, 1.5], [-0.1]),
     "audit.flag.fraction": ([1e-6, 1], [0, 1.01]),

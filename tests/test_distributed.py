@@ -203,6 +203,39 @@ def test_shards_and_merge_equal_the_single_run_and_refuse_missing_or_stale(singl
     assert len(lines) == 1 and "stale shard" in lines[0] and "0-of-2.safetensors" in lines[0], result.output
 
 
+def test_a_shard_session_runs_the_normal_stages_on_its_block(single):
+    """Session.shard: the library calls the same stages as a single run; each shard job
+    scores only its block, writes a shard file and no final output, and refuses ensembles."""
+    from safetensors.torch import load_file
+
+    from influence_cli.app import Session, Shard, run_score, run_self_influence
+    from influence_cli.app.shards import ShardResult
+    from influence_cli.config import load_config
+    from influence_cli.errors import ShardError
+    from influence_cli.progress import Reporter
+
+    out = copy_model(single, "session-shard")
+    shutil.copytree(single / "single" / "tiny-dist" / "factors", Path(out) / "tiny-dist" / "factors")
+    config = load_config(str(single / "tiny.yaml"), [f"output.dir={out}"])
+    blocks = []
+    for i in range(3):
+        lo, hi = shard_range(203, i, 3)
+        result = run_self_influence(Session(config, Reporter(), shard=Shard(i, 3)))
+        assert isinstance(result, ShardResult) and result.path.parent.name == "self-influence-ekfac"
+        blocks.append(load_file(str(result.path))["self_influence"])
+        assert len(blocks[-1]) == hi - lo
+        result = run_score(Session(config, Reporter(), shard=Shard(i, 3)), single / "rows.csv", top=5)
+        indices = load_file(str(result.path))["proponent_indices"]
+        assert bool(((indices >= lo) & (indices < hi)).all())  # global indices of this block only
+    run = Path(out) / "tiny-dist"
+    assert not (run / "self_influence.csv").exists() and not (run / "scores").exists()
+    reference = pd.read_csv(single / "single" / "tiny-dist" / "self_influence.csv").sort_values("index")
+    assert rel(torch.cat(blocks).numpy(), reference["self_influence"].to_numpy()) <= TOL
+    ensemble = load_config(str(single / "tiny.yaml"), [f"output.dir={out}", "influence.ensemble=2"])
+    with pytest.raises(ShardError, match="cannot be combined with --shard"):
+        Session(ensemble, Reporter(), shard=Shard(0, 2))
+
+
 def test_out_of_memory_halves_the_batch_and_retries(single, monkeypatch):
     from influence_cli.config import load_config
     from influence_cli.engine import scoring as scores_module

@@ -1,7 +1,9 @@
 """The application layer: a command's session and the stages behind every command.
 
 data → model (model.py) → factors (factors.py) → scores (scores.py) → score tables (explain.py)
-and the CI gate / report (gate.py). Each stage does the earlier ones it needs, reuses outputs
+and the CI gate / report (gate.py). A ``--shard i/n`` job is a session with ``shard`` set:
+the same stages do its block and write shard files (shards.py, shard_files.py) that
+`infl merge` (merge.py) combines. Each stage does the earlier ones it needs, reuses outputs
 that are still valid (content hashes, data fingerprints) and never trusts stale ones. The
 commands call exactly one of these and render what it returns.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 from influence_cli.app.session import (  # noqa: F401
     ModelState,
     Session,
+    Shard,
     member_checkpoint,
     member_training_hash,
     ensemble_sessions,
@@ -73,6 +76,7 @@ __all__ = [
     "ScoreResult",
     "SelfInfluenceResult",
     "Session",
+    "Shard",
     "TensorRows",
     "predict_queries",
     "checkpoint_problem",

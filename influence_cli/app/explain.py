@@ -10,6 +10,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from influence_cli.app.factors import shard_bounds
 from influence_cli.app.model import ensure_members
 from influence_cli.app.scores import members_pairwise, predict_queries
 from influence_cli.app.session import ModelState, Session
@@ -69,6 +70,39 @@ def score_rows(
     return pd.DataFrame(rows, columns=SCORE_COLUMNS)
 
 
+def scores_target(session: Session, csv_path: Any, out: Optional[Any]) -> Any:
+    """Where `infl score` writes its CSV: ``--out`` (unless '-'), else runs/<name>/scores/<stem>.csv."""
+    from pathlib import Path
+
+    return Path(out) if out is not None and str(out) != "-" else session.run.scores_csv(Path(csv_path).stem)
+
+
+def top_of_matrix(matrix: torch.Tensor, k: int) -> Any:
+    """The k largest and k smallest scores of each row of the full matrix (ties: lower index first)."""
+    from influence_cli.engine.scoring import TopInfluences
+
+    order = torch.argsort(matrix, dim=1, descending=True, stable=True)
+    best, worst = order[:, :k], order.flip(1)[:, :k]
+    return TopInfluences(torch.gather(matrix, 1, best), best, torch.gather(matrix, 1, worst), worst)
+
+
+def write_score_table(session: Session, queries: Any, predicted: np.ndarray, top: Any, target: Optional[Any]) -> Any:
+    """The score table from each row's top-k both ways, checked finite and written to
+    ``target`` (None: not written): one ending for `infl score`, `infl merge` and the API."""
+    from influence_cli.render.files import write_csv
+
+    data = session.data()
+    table = score_rows(
+        queries, predicted, top.proponent_scores.double().numpy(), top.proponent_indices.numpy(),
+        top.opponent_scores.double().numpy(), top.opponent_indices.numpy(), data.train, list(data.class_names),
+    )
+    if not np.all(np.isfinite(table["influence"].to_numpy(dtype=float))):
+        raise InflError("scores are not finite: set influence.damping to a larger number")
+    if target is not None:
+        write_csv(table, target)
+    return table
+
+
 def run_score(
     session: Session,
     csv_path: Any,
@@ -78,22 +112,43 @@ def run_score(
     measurement: str = "loss",
     matrix_path: Optional[Any] = None,
     out: Optional[Any] = None,
-) -> ScoreResult:
-    """Score test rows from a CSV against every training example; keep the top N each way."""
+) -> Any:
+    """Score test rows from a CSV against every training example; keep the top N each way
+    (a ScoreResult). A ``--shard i/n`` session scores its block and writes the block's top N
+    as a shard file instead (a ShardResult; `infl merge` writes the CSV)."""
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
     from influence_cli.data.queries import read_query_rows
-    from influence_cli.render.files import write_csv
-    from influence_cli.run import atomic_path
 
-    config, run = session.config, session.run
-    strategy = strategy or config.influence.strategy
+    strategy = strategy or session.config.influence.strategy
     start = time.perf_counter()
     csv_path = Path(csv_path)
+    queries = read_query_rows(csv_path, session.config, session.data())
+    result = score_queries(
+        session, queries, top=top, strategy=strategy, measurement=measurement, matrix_path=matrix_path,
+        csv_path=csv_path, out=out,
+    )
+    if isinstance(result, ScoreResult):
+        result.seconds = time.perf_counter() - start
+    return result
+
+
+def score_queries(
+    session: Session, queries: Any, *, top: int, strategy: str, measurement: str = "loss",
+    matrix_path: Optional[Any] = None, csv_path: Optional[Any] = None, out: Optional[Any] = None,
+) -> Any:
+    """The top ``top`` proponents and opponents of each query row (a QueryRows), as a
+    table in SCORE_COLUMNS (None on ranks other than 0); ``matrix_path`` also keeps the
+    full (T, N) matrix. With ``csv_path`` (`infl score`) the table is written to --out or
+    runs/<name>/scores/<stem>.csv, or a shard session writes its shard file; without it
+    (the Python API's ``Auditor.score``) nothing is written."""
+    if session.config.task == "regression":
+        raise InflError(
+            "scoring query rows supports task: classification only so far; for regression use self-influence "
+            "(infl self-influence / Auditor.self_influence)"
+        )
+    start = time.perf_counter()
     data = session.data()
-    queries = read_query_rows(csv_path, config, data)
     members = ensure_members(session)
     state = members[0].state
     predicted = predict_queries(members, queries.inputs)
@@ -103,39 +158,43 @@ def run_score(
         members, strategy, queries.inputs, torch.as_tensor(measured), measurement=measurement,
         top=None if matrix_path else k,
     )
+    if session.shard is not None:
+        from influence_cli.app.shards import write_score_shard
+
+        return write_score_shard(
+            session, state, strategy, shard_bounds(session), csv_path, result, top=k, measurement=measurement, out=out
+        )
     if not session.dist.is_main:
         return ScoreResult(None, queries, predicted, measured, time.perf_counter() - start, state, strategy, matrix_path)
     if matrix_path:
         matrix = result.detach().cpu().float()
-        order = torch.argsort(matrix, dim=1, descending=True, stable=True)
-        values_p, index_p = torch.gather(matrix, 1, order[:, :k]), order[:, :k]
-        values_o, index_o = torch.gather(matrix, 1, order.flip(1)[:, :k]), order.flip(1)[:, :k]
-        metadata = {
-            "test_ids": json.dumps(list(queries.ids)),
-            "train_ids": json.dumps(list(data.train.ids)),
-            "measurement": measurement,
-            "strategy": strategy,
-            "sign": "positive = training example is a proponent of the test row",
-        }
-        with atomic_path(Path(matrix_path)) as tmp:
-            save_file({"scores": matrix.contiguous()}, str(tmp), metadata=metadata)
-    else:
-        values_p, index_p = result.proponent_scores, result.proponent_indices
-        values_o, index_o = result.opponent_scores, result.opponent_indices
-    table = score_rows(
-        queries,
-        predicted,
-        values_p.double().numpy(),
-        index_p.numpy(),
-        values_o.double().numpy(),
-        index_o.numpy(),
-        data.train,
-        list(data.class_names),
-    )
-    if not np.all(np.isfinite(table["influence"].to_numpy(dtype=float))):
-        raise InflError("scores are not finite: set influence.damping to a larger number")
-    target = Path(out) if out is not None and str(out) != "-" else run.scores_csv(csv_path.stem)
-    write_csv(table, target)
+        save_matrix(matrix, matrix_path, queries, data, measurement, strategy, session.config.influence.query_rank)
+        result = top_of_matrix(matrix, k)
+    target = None if csv_path is None else scores_target(session, csv_path, out)
+    table = write_score_table(session, queries, predicted, result, target)
     return ScoreResult(
         table, queries, predicted, measured, time.perf_counter() - start, state, strategy, matrix_path
     )
+
+
+def save_matrix(
+    matrix: torch.Tensor, path: Any, queries: Any, data: Any, measurement: str, strategy: str, query_rank: int = 0
+) -> None:
+    """``--matrix``: the full test × train scores with row and column ids (safetensors)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from influence_cli.run import atomic_path
+
+    metadata = {
+        "test_ids": json.dumps(list(queries.ids)),
+        "train_ids": json.dumps(list(data.train.ids)),
+        "measurement": measurement,
+        "strategy": strategy,
+        "sign": "positive = training example is a proponent of the test row",
+    }
+    if query_rank:
+        metadata["approximation"] = f"query_rank={query_rank}: rank-k test gradients"
+    with atomic_path(Path(path)) as tmp:
+        save_file({"scores": matrix.contiguous()}, str(tmp), metadata=metadata)

@@ -45,11 +45,12 @@ def with_batch_backoff(session: Session, stage: str, fn: Any) -> Any:
                 torch.cuda.empty_cache()
 
 
-def shard_bounds(session: Session, shard: Optional[tuple[int, int]] = None) -> tuple[int, int]:
-    """[start, stop) of the training examples this process handles: a --shard i/n job's
-    block, else this torchrun rank's block, else everything."""
+def shard_bounds(session: Session) -> tuple[int, int]:
+    """[start, stop) of the training examples this process handles: the block of a
+    ``--shard i/n`` job (``session.shard``), else this torchrun rank's block, else everything."""
     n = len(session.data().train)
-    index, count = shard if shard is not None else (session.dist.rank, session.dist.world_size)
+    shard = session.shard
+    index, count = (shard.index, shard.count) if shard is not None else (session.dist.rank, session.dist.world_size)
     if count <= 1:
         return 0, n
     if n < count:
@@ -102,38 +103,51 @@ class FactorsState:
     directory: Any
 
 
+def stored_factors(session: Session, directory: Any, want: dict[str, Any], *, refit_stale: bool) -> Optional[FactorsState]:
+    """The stored factors when valid; None (said) when stale and ``refit_stale``, else FactorsError."""
+    from influence_cli.engine import load_factors
+
+    problem = stale_reason(directory, want)
+    if problem is None:
+        start = time.perf_counter()
+        try:
+            factors = load_factors(directory)  # verifies the tensors' sha256
+        except CorruptFactorsError as exc:
+            problem = exc.reason
+        else:
+            return FactorsState(factors, True, time.perf_counter() - start, directory)
+    if not refit_stale:
+        raise FactorsError(f"{directory}: {problem}; rerun with --overwrite to refit")
+    session.reporter.info(f"factors in {directory}: {problem}; refitting")
+    return None
+
+
 def ensure_factors(
     session: Session, state: ModelState, strategy: str, *, overwrite: bool = False, refit_stale: bool = False
-) -> FactorsState:
-    """Reuse valid stored factors or fit new ones.
+) -> Any:
+    """Reuse valid stored factors or fit new ones (a FactorsState).
 
     Stale factors (another checkpoint, other data or influence settings) are never used:
     `infl fit-factors` refuses them unless ``overwrite``; the audit commands pass
     ``refit_stale`` and refit them, saying so, because their job is to audit the data as
     it is now (a CI check after a label change must not stop at a cache).
+    A ``--shard i/n`` session fits its block's sums of one pass instead and returns the
+    shard file written (a ShardResult); `infl merge` turns the shards into factors.
     """
     from influence_cli.engine import fit_factors, get_strategy, load_factors
 
+    if session.shard is not None:
+        return fit_factors_shard(session, state, strategy)
     config, run, reporter = session.config, session.run, session.reporter
     directory = run.factors_dir(strategy)
     want = session.factors_want(state, strategy)
     if directory.exists() and not overwrite:
-        problem = stale_reason(directory, want)
-        if problem is None:
-            start = time.perf_counter()
-            try:
-                factors = load_factors(directory)  # verifies the tensors' sha256
-            except CorruptFactorsError as exc:
-                problem = exc.reason
-            else:
-                return FactorsState(factors, True, time.perf_counter() - start, directory)
-        if not refit_stale:
-            raise FactorsError(f"{directory}: {problem}; rerun with --overwrite to refit")
-        reporter.info(f"factors in {directory}: {problem}; refitting")
+        reused = stored_factors(session, directory, want, refit_stale=refit_stale)
+        if reused is not None:
+            return reused
     device = influence_device(config)
     dist = session.dist
     parallel = get_strategy(strategy).data_parallel
-    options = solver_options(config, strategy)
     if not parallel and dist.active and not dist.is_main:
         # Strategies without data parallelism fit on the whole training set: rank 0 fits
         # once, the others load it.
@@ -148,18 +162,14 @@ def ensure_factors(
                 state.model,
                 train_loader(session, batch_size, bounds),
                 strategy,
-                damping=config.influence.damping,
                 fisher=config.influence.fisher,
                 modules=config.influence.modules,
                 device=device,
-                dtype=influence_dtype(config),
                 seed=session.model_seed,
                 on_batch=on_batch,
-                damping_factor=config.influence.damping_factor,
-                damping_scope=config.influence.damping_scope,
                 dist=dist if dist.active and parallel else None,
                 amp=config.influence.amp,
-                options=options,
+                **fit_settings(session, state, strategy),
             )
 
     factors = with_batch_backoff(session, "fit-factors", fit)
@@ -178,6 +188,34 @@ def ensure_factors(
 def solver_options(config: Config, strategy: str) -> Optional[dict[str, Any]]:
     """The strategy's own settings, ``influence.<strategy>`` (None when it has none)."""
     return config.influence.strategy_options(strategy)
+
+
+def fit_settings(session: Session, state: ModelState, strategy: str) -> dict[str, Any]:
+    """What turns curvature sums into factors (damping, dtype, the strategy's options): one
+    set for a single fit and `infl merge`, so merged factors are the single fit's."""
+    config = session.config
+    return dict(
+        damping=config.influence.damping, dtype=influence_dtype(config), damping_factor=config.influence.damping_factor,
+        damping_scope=config.influence.damping_scope, options=solver_options(config, strategy),
+    )
+
+
+def fit_factors_shard(session: Session, state: ModelState, strategy: str) -> Any:
+    """``fit-factors --shard i/n``: one pass's sums over the block, as a shard file (pass 2
+    once `infl merge` has written the pass-1 bases)."""
+    from influence_cli.app.shards import factors_pass, pass_sums, require_shardable, write_factors_shard
+
+    require_shardable(strategy)
+    which, bases = factors_pass(session, state, strategy)
+    bounds = shard_bounds(session)
+
+    def run(batch_size: int) -> Any:
+        with session.reporter.stages(bounds[1] - bounds[0]) as on_batch:
+            return pass_sums(session, state.model, train_loader(session, batch_size, bounds), which, bases, on_batch)
+
+    tensors, counts = with_batch_backoff(session, "fit-factors", run)
+    state.model.cpu()
+    return write_factors_shard(session, state, strategy, which, bounds, tensors, counts, with_bases=bases is not None)
 
 
 def existing_factors(session: Session, state: ModelState, strategy: str, command: str) -> Any:
@@ -204,6 +242,12 @@ def warn_solver_limits(session: Session, factors: Any, *, per_example: bool) -> 
         session.reporter.warn(message)
 
 
-def members_factors(members: list[Member], strategy: str) -> list[FactorsState]:
-    """Every member's valid factors (reused, or refitted when stale)."""
+def members_factors(members: list[Member], strategy: str, command: str) -> list[FactorsState]:
+    """Every member's valid factors (reused, or refitted when stale). A ``--shard`` job
+    only uses stored ones: n jobs would fit them n times."""
+    if members[0].session.shard is not None:
+        return [
+            FactorsState(existing_factors(m.session, m.state, strategy, command), True, 0.0, m.session.run.factors_dir(strategy))
+            for m in members
+        ]
     return [ensure_factors(m.session, m.state, strategy, refit_stale=True) for m in members]

@@ -59,13 +59,13 @@ def run_check(
     return CheckOutcome(result, si, source)
 
 
-def run_report(session: Session, *, strategy: Optional[str] = None, top: int = 50) -> Any:
-    """Write runs/<name>/report.html from a fresh (or reused) self-influence audit."""
+def run_report(session: Session, *, strategy: Optional[str] = None, top: int = 50, path: Optional[Any] = None) -> Any:
+    """Write runs/<name>/report.html (or ``path``) from a fresh (or reused) self-influence audit."""
     from influence_cli.render.html import write_html_report
 
     si = run_self_influence(session, strategy)
     data = session.data()
-    path = session.run.report_html
+    path = session.run.report_html if path is None else path
     if not session.dist.is_main:
         return path, si
     meta = {
@@ -77,7 +77,6 @@ def run_report(session: Session, *, strategy: Optional[str] = None, top: int = 5
         "test accuracy": f"{si.model_state.test_accuracy:.3f}",
         "infl version": __version__,
     }
-    path = session.run.report_html
     write_html_report(
         path,
         si.table,

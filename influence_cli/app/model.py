@@ -87,16 +87,26 @@ def _ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
             checkpoint_hash = hash_file(run.checkpoint)
             trained_now = True
             info = {"training_hash": want, "checkpoint_hash": checkpoint_hash, "data": data.data_identity(), **stats}
+    state = ready_state(session, model, checkpoint_hash, trained_now, info)
+    if trained_now:
+        info.update({"train_accuracy": state.train_accuracy, "test_accuracy": state.test_accuracy, "version": __version__})
+        atomic_write_json(run.train_meta, info)
+        atomic_write_text(run.resolved_config, config.to_replay_yaml())
+    return state
+
+
+def ready_state(
+    session: Session, model: Any, checkpoint_hash: str, trained_now: bool = False, info: Optional[dict[str, Any]] = None,
+) -> ModelState:
+    """The ModelState of a model in eval mode: its predictions on both splits (kept for
+    the ranking) and accuracies."""
+    data = session.data()
     model.eval()
     train_probs = predict_probs(model, data.train)
     test_probs = predict_probs(model, data.test)
     train_acc = accuracy(train_probs, data.train.labels)
     test_acc = accuracy(test_probs, data.test.labels)
-    if trained_now:
-        info.update({"train_accuracy": train_acc, "test_accuracy": test_acc, "version": __version__})
-        atomic_write_json(run.train_meta, info)
-        atomic_write_text(run.resolved_config, config.to_replay_yaml())
-    return ModelState(model, checkpoint_hash, trained_now, train_acc, test_acc, info,
+    return ModelState(model, checkpoint_hash, trained_now, train_acc, test_acc, info or {},
                       probs={"train": train_probs, "test": test_probs})
 
 
@@ -125,5 +135,8 @@ class Member:
 
 
 def ensure_members(session: Session) -> list[Member]:
-    """Every ensemble member's ready model (trained, reused or loaded)."""
+    """Every ensemble member's ready model (trained, reused or loaded), or the model the
+    session was given (the Python API)."""
+    if session.model_state is not None:
+        return [Member(session, session.model_state)]
     return [Member(s, ensure_model(s)) for s in ensemble_sessions(session)]

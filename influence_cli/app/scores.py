@@ -26,15 +26,13 @@ from influence_cli.errors import InflError
 from influence_cli.training import predict_probs
 
 
-def self_influence_scores(
-    session: Session, model: nn.Module, factors: Any, *, shard: Optional[tuple[int, int]] = None
-) -> torch.Tensor:
-    """Self-influence of the training set: this rank's (or --shard job's) block, gathered
-    over ranks in global index order. With ``shard`` only that block is returned."""
+def self_influence_scores(session: Session, model: nn.Module, factors: Any) -> torch.Tensor:
+    """Self-influence of the training set: this rank's block, gathered over ranks in global
+    index order; a --shard job's block alone (``session.shard``)."""
     from influence_cli.engine.scoring import self_influence
 
     config = session.config
-    bounds = shard_bounds(session, shard)
+    bounds = shard_bounds(session)
     device = influence_device(config)
 
     def score(batch_size: int) -> torch.Tensor:
@@ -46,7 +44,7 @@ def self_influence_scores(
 
     scores = with_batch_backoff(session, "self-influence", score).detach().cpu()
     model.cpu()
-    if shard is None and session.dist.active:
+    if session.shard is None and session.dist.active:
         scores = session.dist.gather_cat(scores)
     return scores
 
@@ -67,7 +65,7 @@ def members_self_influence(
     """Self-influence averaged over the ensemble members, float64, in training order
     (under torchrun each rank scores its block and every rank gets the whole vector).
     ``fstates``: the members' factors when the caller already holds them."""
-    fstates = fstates or members_factors(members, strategy)
+    fstates = fstates or members_factors(members, strategy, "self-influence")
     total: Optional[np.ndarray] = None
     for member, fstate in zip(members, fstates):
         warn_solver_limits(member.session, fstate.factors, per_example=True)
@@ -105,7 +103,7 @@ def members_pairwise(
     rank scores its block of training columns and the blocks are gathered."""
     from influence_cli.engine.scoring import TopInfluences
 
-    fstates = fstates or members_factors(members, strategy)
+    fstates = fstates or members_factors(members, strategy, "score")
     total = None
     for member, fstate in zip(members, fstates):
         session = member.session
@@ -150,16 +148,22 @@ def predict_queries(members: list[Member], inputs: torch.Tensor) -> np.ndarray:
     return members_probs(members, TensorRows(inputs)).argmax(1)
 
 
-def run_self_influence(session: Session, strategy: Optional[str] = None) -> SelfInfluenceResult:
+def run_self_influence(session: Session, strategy: Optional[str] = None) -> Any:
     """Self-influence of every training example, ranked and flagged; writes the CSVs
-    (rank 0 only under torchrun).
+    (rank 0 only under torchrun) and returns a SelfInfluenceResult.
 
     With an ensemble the scores and the predicted probabilities are averaged over members.
+    A ``--shard i/n`` session scores its block with the stored factors and writes it as a
+    shard file instead (a ShardResult; `infl merge` ranks the whole set).
     """
     strategy = strategy or session.config.influence.strategy
     start = time.perf_counter()
     members = ensure_members(session)
     scores_np, fstates = members_self_influence(members, strategy)
+    if session.shard is not None:
+        from influence_cli.app.shards import write_self_influence_shard
+
+        return write_self_influence_shard(session, members[0].state, strategy, shard_bounds(session), scores_np)
     return finish_self_influence(session, scores_np, members, fstates, strategy, start)
 
 
@@ -176,10 +180,16 @@ def finish_self_influence(
         raise InflError("self-influence produced non-finite values: set influence.damping to a larger number")
     data = session.data()
     probs = members_probs(members, data.train)
-    table = build_ranking(
-        scores_np, data.train.labels.numpy(), probs, list(data.train.ids), list(data.class_names), config.audit.flag
-    )
-    summary = class_summary(table, list(data.class_names))
+    if config.task == "regression":
+        from influence_cli.audit.regression import build_regression_ranking, regression_summary
+
+        table = build_regression_ranking(scores_np, data.train.labels.numpy(), probs, list(data.train.ids), config.audit.flag)
+        summary = regression_summary(table, data.class_names[0])
+    else:
+        table = build_ranking(
+            scores_np, data.train.labels.numpy(), probs, list(data.train.ids), list(data.class_names), config.audit.flag
+        )
+        summary = class_summary(table, list(data.class_names))
     seconds = time.perf_counter() - start
     state = members[0].state
     summary["run"] = {
@@ -192,7 +202,9 @@ def finish_self_influence(
         "test_accuracy": state.test_accuracy,
         "flag_rule": config.audit.flag.model_dump(mode="json"),
     }
-    if len(members) > 1:
+    if config.task == "regression":
+        summary["run"]["task"] = "regression"  # the accuracies are R² of the first output
+    if len(members) > 1 and config.task == "classification":
         test_probs = members_probs(members, data.test)
         summary["run"]["ensemble"] = {
             "members": len(members),
@@ -210,14 +222,14 @@ def finish_self_influence(
 
 def pairwise_block(
     session: Session, model: nn.Module, factors: Any, test_inputs: torch.Tensor, test_labels: torch.Tensor, *,
-    measurement: str, top: Optional[int], shard: Optional[tuple[int, int]] = None,
+    measurement: str, top: Optional[int],
 ) -> Any:
     """Scores of the test rows against this process's block of the training set, with
     global training indices (the full matrix's columns or TopInfluences indices)."""
     from influence_cli.engine.scoring import pairwise_scores
 
     config = session.config
-    bounds = shard_bounds(session, shard)
+    bounds = shard_bounds(session)
     device = influence_device(config)
 
     def score(batch_size: int) -> Any:
@@ -225,6 +237,7 @@ def pairwise_block(
             return pairwise_scores(
                 model, factors, train_loader(session, batch_size, bounds), test_inputs, test_labels,
                 measurement=measurement, top=top, device=device, on_batch=on_batch, amp=config.influence.amp,
+                query_rank=config.influence.query_rank,
             )
 
     result = with_batch_backoff(session, "score", score)

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from influence_cli.app.shard_files import refuse_ensemble
 from influence_cli.config import Config
 from influence_cli.distributed import DistContext, current
 from influence_cli.errors import InflError
@@ -35,12 +36,29 @@ class ModelState:
     probs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """``--shard i/n``: this job does block ``index`` of ``count`` of the training set.
+
+    A property of the session, not a second pipeline: the normal stages (ensure_factors,
+    run_self_influence, run_score) restrict the training rows to the block and write the
+    partial result (app/shard_files.py) instead of the final output; `infl merge` combines.
+    """
+
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
 @dataclass
 class Session:
     """Everything loaded for one command: config, run directory, data, reporter.
 
     ``member`` k >= 1 is the k-th extra model of an ensemble (``influence.ensemble``): same
-    data, its own seed (seed + k) or checkpoint, its own run directory.
+    data, its own seed (seed + k) or checkpoint, its own run directory. ``shard``: this
+    command is one ``--shard i/n`` job (a single model: ensembles are refused).
     """
 
     config: Config
@@ -49,9 +67,14 @@ class Session:
     datasets: Any = None
     member: int = 0
     dist: DistContext = field(default_factory=current)
+    shard: Optional[Shard] = None
+    # A model the caller already holds (the Python API): used as it is, never trained.
+    model_state: Optional["ModelState"] = None
 
     def __post_init__(self) -> None:
         self.run = RunDir(self.config, self.member)
+        if self.shard is not None:
+            refuse_ensemble(self)
 
     @property
     def model_seed(self) -> int:

@@ -51,8 +51,11 @@ ShardOption = typer.Option(
 RUN_LOCKS: list[Any] = []
 
 
-def open_session(config: Optional[str], overrides: Optional[List[str]]) -> Any:
-    """Load the config; under torchrun join the process group (rank 0 alone prints)."""
+def open_session(config: Optional[str], overrides: Optional[List[str]], shard: Optional[str] = None) -> Any:
+    """Load the config; under torchrun join the process group (rank 0 alone prints).
+
+    ``shard``: the ``--shard i/n`` text; the session then is that job (``Session.shard``)
+    and the stages write partial results for `infl merge`."""
     from influence_cli.config import load_config
     from influence_cli.distributed import init_from_env
     from influence_cli.app import Session
@@ -63,7 +66,8 @@ def open_session(config: Optional[str], overrides: Optional[List[str]]) -> Any:
     dist = init_from_env(cfg.influence.device)
     if not dist.is_main:
         silence_rank()
-    session = Session(cfg, RichReporter(err) if dist.is_main else Reporter(), dist=dist)
+    reporter = RichReporter(err) if dist.is_main else Reporter()
+    session = Session(cfg, reporter, dist=dist, shard=parse_shard_option(shard))
     if dist.is_main:  # one command at a time writes into a run directory (rank 0 for torchrun)
         from influence_cli.run import RunLock
 
@@ -77,18 +81,25 @@ def open_session(config: Optional[str], overrides: Optional[List[str]]) -> Any:
     return session
 
 
-def parse_shard_option(text: Optional[str]) -> Optional[tuple[int, int]]:
+def parse_shard_option(text: Optional[str]) -> Any:
+    """``--shard i/n`` → ``Shard`` (None without the option); one-line errors."""
     if text is None:
         return None
+    from influence_cli.app.session import Shard
     from influence_cli.distributed import current, parse_shard
 
     try:
-        shard = parse_shard(text)
+        index, count = parse_shard(text)
     except ValueError as exc:
         raise InflError(str(exc)) from None
     if current().active:
         raise InflError("--shard is for job arrays without a process group; under torchrun drop --shard")
-    return shard
+    return Shard(index, count)
+
+
+def say_shard_written(what: str, result: Any) -> None:
+    """The line a ``--shard i/n`` job ends with: its shard file and what comes next."""
+    err.print(f"{what} → {escape(str(result.path))}; when every shard is done run `infl merge`", highlight=False)
 
 
 def check_strategy(strategy: Optional[str]) -> Optional[str]:

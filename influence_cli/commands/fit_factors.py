@@ -10,7 +10,7 @@ from rich.markup import escape
 from influence_cli.commands import command
 from influence_cli.commands.common import (
     ConfigOption, SetOption, ShardOption, StrategyOption, check_strategy, model_line,
-    open_session, parse_shard_option,
+    open_session, say_shard_written,
 )
 from influence_cli.terminal import err
 
@@ -30,20 +30,20 @@ def fit_factors_command(
     """
     from influence_cli.app import ensure_factors, ensure_model
 
-    session = open_session(config, set_)
+    session = open_session(config, set_, shard)
     strategy = check_strategy(strategy) or session.config.influence.strategy
     check_strategy(strategy)
-    shard_ = parse_shard_option(shard)
-    if shard_ is not None:
-        from influence_cli.app.shards import fit_factors_shard
+    if session.shard is not None:
+        from influence_cli.app.shards import require_shardable
 
-        which, path = fit_factors_shard(session, *shard_, strategy=strategy)
-        err.print(f"fit-factors shard {shard}: {which} sums → {escape(str(path))}; when every shard is done run `infl merge`", highlight=False)
-        return
+        require_shardable(strategy)  # before training a model for nothing
     state = ensure_model(session)
-    err.print(model_line(state), highlight=False)
+    if session.shard is None:
+        err.print(model_line(state), highlight=False)
     fstate = ensure_factors(session, state, strategy, overwrite=overwrite)
-    if fstate.reused:
+    if session.shard is not None:
+        say_shard_written(f"fit-factors shard {session.shard}: {fstate.which} sums", fstate)
+    elif fstate.reused:
         err.print(f"factors: reusing {escape(str(fstate.directory))} (still valid; --overwrite refits)", highlight=False)
     else:
         factors = fstate.factors

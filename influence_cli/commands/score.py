@@ -12,7 +12,7 @@ from rich.markup import escape
 from influence_cli.commands import command
 from influence_cli.commands.common import (
     ConfigOption, SetOption, ShardOption, StrategyOption, check_choice, check_strategy,
-    open_session, parse_shard_option,
+    open_session, say_shard_written,
 )
 from influence_cli.errors import InflError
 from influence_cli.terminal import err
@@ -41,6 +41,12 @@ def score(
         None, "--matrix", help="Also write the full test × train score matrix (safetensors, with row and column ids)."
     ),
     shard: Optional[str] = ShardOption,
+    query_rank: Optional[int] = typer.Option(
+        None, "--query-rank", min=0,
+        help="Approximate: truncate each layer's preconditioned test gradient to rank K (faster on wide layers; "
+        "0 = exact). Same as --set influence.query_rank=K.",
+        show_default=False,
+    ),
 ) -> None:
     """Explain predictions: the training examples that pushed each test row towards its label (proponents) and away (opponents).
 
@@ -54,49 +60,38 @@ def score(
     for path, option, example in ((out, "--out", "scores.csv"), (matrix, "--matrix", "scores.safetensors")):
         if path is not None and str(path) != "-":
             check_output_file(path, option, example)
-    session = open_session(config, set_)
-    shard_ = parse_shard_option(shard)
-    options = dict(top=top, measurement=measurement, out=out)
-    if shard_ is not None:
-        score_one_shard(session, test_csv, shard, shard_, strategy, matrix, options)
-        return
-    result = run_score(session, test_csv, strategy=check_strategy(strategy), matrix_path=matrix, **options)
-    if session.dist.is_main:
-        show_scores(session, result, test_csv, out, matrix)
-
-
-def score_one_shard(
-    session: Any,
-    test_csv: Path,
-    text: str,
-    shard: tuple[int, int],
-    strategy: Optional[str],
-    matrix: Optional[Path],
-    options: dict[str, Any],
-) -> None:
-    """`--shard i/n`: the top N of block i, for `infl merge`."""
-    from influence_cli.app.shards import score_shard
-
-    if matrix is not None:
+    if query_rank is not None:
+        set_ = [*(set_ or []), f"influence.query_rank={query_rank}"]
+    session = open_session(config, set_, shard)
+    if session.shard is not None and matrix is not None:
         raise InflError("--matrix cannot be combined with --shard (shards keep the top N only)")
-    path = score_shard(session, test_csv, *shard, strategy=check_strategy(strategy), **options)
-    err.print(f"score shard {text} → {escape(str(path))}; when every shard is done run `infl merge`", highlight=False)
+    result = run_score(
+        session, test_csv, strategy=check_strategy(strategy), matrix_path=matrix, top=top, measurement=measurement, out=out
+    )
+    if session.shard is not None:
+        say_shard_written(f"score shard {session.shard}", result)
+    elif session.dist.is_main:
+        show_scores(session, result, test_csv, out, matrix)
 
 
 def show_scores(session: Any, result: Any, test_csv: Path, out: Optional[Path], matrix: Optional[Path]) -> None:
     """The score table and summary line on stderr; the CSV on stdout for `--out -`."""
+    from influence_cli.app.explain import scores_target
     from influence_cli.render.tables import render_score_table
 
     render_score_table(result.table, err, title=f"{session.config.name}: training examples behind each prediction")
     unlabeled = int((result.queries.labels < 0).sum())
     if unlabeled:
         err.print(f"{unlabeled} row(s) had no label: measured against the model's prediction (test_label is empty).")
-    target = out if out is not None and str(out) != "-" else session.run.scores_csv(Path(test_csv).stem)
+    target = scores_target(session, test_csv, out)
     extra = f", matrix → {escape(str(matrix))}" if matrix else ""
     err.print(
         f"{len(result.queries.ids)} test rows scored against {len(session.data().train)} training examples "
         f"in {result.seconds:.1f} s → {escape(str(target))}{extra}",
         highlight=False,
     )
+    rank = session.config.influence.query_rank
+    if rank:
+        err.print(f"approximate scores: influence.query_rank = {rank} (rank-{rank} test gradients; 0 = exact)", highlight=False)
     if out is not None and str(out) == "-":
         result.table.to_csv(sys.stdout, index=False)

@@ -12,7 +12,7 @@ from rich.markup import escape
 from influence_cli.commands import command
 from influence_cli.commands.common import (
     ConfigOption, SetOption, ShardOption, StrategyOption, check_strategy, model_line,
-    open_session, parse_shard_option,
+    open_session, say_shard_written,
 )
 from influence_cli.terminal import err
 
@@ -41,21 +41,17 @@ def self_influence_command(
 
     if out is not None and str(out) != "-":
         check_output_file(out, "--out")
-    session = open_session(config, set_)
-    shard_ = parse_shard_option(shard)
-    if shard_ is not None:
-        from influence_cli.app.shards import self_influence_shard
-
-        path = self_influence_shard(session, *shard_, strategy=check_strategy(strategy))
-        err.print(f"self-influence shard {shard} → {escape(str(path))}; when every shard is done run `infl merge`", highlight=False)
-        return
+    session = open_session(config, set_, shard)
     result = run_self_influence(session, check_strategy(strategy))
+    if session.shard is not None:
+        say_shard_written(f"self-influence shard {session.shard}", result)
+        return
     if not session.dist.is_main:
         return
     cfg = session.config
     err.print(model_line(result.model_state), highlight=False)
     title = f"{cfg.name}: most self-influential training examples ({result.summary['run']['strategy']})"
-    render_self_influence_table(result.table, top or cfg.audit.top, err, title)
+    render_self_influence_table(result.table, top or cfg.audit.top, err, title, regression=cfg.task == "regression")
     render_class_summary(result.summary, err)
     run_info = result.summary["run"]
     err.print(

@@ -1,4 +1,5 @@
-"""Experiment configuration: the YAML schema as pydantic models (schema.py), and loading,
+"""Experiment configuration: the YAML schema as pydantic models (schema.py; the per-strategy
+``influence.<name>`` sections built from the registry in sections.py), and loading,
 overrides and one-line error messages (loading.py).
 
 Why pydantic: one place declares every field, its type, default and valid range, and unknown
@@ -26,16 +27,18 @@ from influence_cli.config.schema import (  # noqa: F401
     ModelConfig,
     TrainConfig,
     InfluenceConfig,
-    _check_before,
-    _option_section,
-    _CONFIG_MODELS,
-    config_model,
     FlagConfig,
     CheckConfig,
     AuditConfig,
     OutputConfig,
     Config,
     _check_device,
+)
+from influence_cli.config.sections import (  # noqa: F401
+    _check_before,
+    _option_section,
+    _CONFIG_MODELS,
+    config_model,
 )
 from influence_cli.config.loading import (  # noqa: F401
     bundled_configs,

@@ -16,7 +16,8 @@ from pydantic import (
 from influence_cli.errors import ConfigError
 
 
-from influence_cli.config.schema import DEFAULT_CONFIG, Config, DataConfig, ModelConfig, config_model
+from influence_cli.config.schema import DEFAULT_CONFIG, Config, DataConfig, ModelConfig
+from influence_cli.config.sections import config_model
 
 # ----------------------------------------------------------------------------- loading
 

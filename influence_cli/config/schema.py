@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (
-    BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator, model_validator,
-)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 
 DEFAULT_CONFIG = "digits-mlp"
@@ -65,11 +63,11 @@ TORCHVISION_SOURCES = ("mnist", "fashion_mnist", "cifar10")
 
 class DataConfig(_Strict):
     source: Literal[
-        "digits", "mnist", "fashion_mnist", "cifar10", "image_folder", "csv_manifest", "table", "synthetic"
+        "digits", "mnist", "fashion_mnist", "cifar10", "image_folder", "csv_manifest", "table", "synthetic", "factory"
     ] = "digits"
     root: Optional[str] = Field(None, description="folder of torchvision datasets (mnist, fashion_mnist, cifar10)")
     download: bool = Field(False, description="let torchvision download the dataset into root")
-    path: Optional[str] = Field(None, description="image folder, CSV manifest or table CSV holding all examples")
+    path: Optional[str] = Field(None, description="image folder, CSV manifest or table (CSV or parquet) holding all examples")
     train_path: Optional[str] = Field(None, description="separate training folder/file (with test_path)")
     test_path: Optional[str] = Field(None, description="separate test folder/file (with train_path)")
     test_fraction: Float = Field(0.2, gt=0.0, lt=1.0, description="stratified, seeded test split when one path is given")
@@ -80,6 +78,21 @@ class DataConfig(_Strict):
     grayscale: bool = False
     standardize: bool = True
     limit: Optional[Int] = Field(None, ge=1, description="use only the first N training examples")
+    factory: Optional[str] = Field(
+        None, description="source 'factory': 'package.module:function' returning a torch Dataset of (input, label) "
+        "items, a (train, test) pair or a dict (train, test, class_names, train_ids, test_ids)"
+    )
+    factory_path: Optional[str] = Field(None, description="folder put on sys.path before importing data.factory")
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for data.factory")
+    in_memory: Union[bool, Literal["auto"]] = Field(
+        "auto", description="decode every input into memory (true), or per batch through a DataLoader with "
+        "influence.num_workers (false: memory bounded by the batch); auto: false above 1 GiB of decoded inputs "
+        "(image_folder, csv_manifest, factory)"
+    )
+    categorical_columns: Optional[list[str]] = Field(
+        None, description="table: columns one-hot encoded (categories sorted, taken from the training rows; "
+        "an unseen category encodes as all zeros); null = none"
+    )
     cache: bool = Field(
         True, description="keep the decoded splits in runs/<name>/cache/ (digits, table, image_folder, csv_manifest) "
         "so later commands skip decoding; rebuilt when a source file changes"
@@ -108,6 +121,12 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _paths_fit_source(self) -> "DataConfig":
         file_sources = {"image_folder", "csv_manifest", "table"}
+        if self.source == "factory" and not self.factory:
+            raise ValueError("source 'factory' needs data.factory: 'package.module:function'")
+        if self.factory and self.source != "factory":
+            raise ValueError("data.factory is set: also set data.source: factory")
+        if self.factory and ":" not in self.factory:
+            raise ValueError("data.factory must look like 'package.module:function'")
         if self.source in TORCHVISION_SOURCES and self.root is None:
             raise ValueError(
                 f"source '{self.source}' needs data.root: the folder holding the dataset "
@@ -209,6 +228,11 @@ class InfluenceConfig(_Strict):
         None, description="autocast the model's forward/backward (GPU); factors and scores accumulate in float32"
     )
     num_workers: Int = Field(0, ge=0, description="DataLoader worker processes for sources that are not in-memory tensors")
+    query_rank: Int = Field(
+        0, ge=0,
+        description="pairwise scores: 0 = exact; k > 0 = an approximation that truncates each layer's preconditioned "
+        "query gradient to rank k (faster on wide layers; docs/performance.md)",
+    )
 
     @field_validator("damping", mode="before")
     @classmethod
@@ -279,60 +303,6 @@ class InfluenceConfig(_Strict):
         return getattr(self, strategy).model_dump(mode="python")
 
 
-# --------------------------------------------------------------- per-strategy sections
-# influence.<name> for every registered strategy that declares options: built from the
-# strategy's options dataclass (types, defaults, bounds, help, checks), so the keys, the
-# defaults and the error messages are the engine's own. Strategies registered after this
-# module was imported (plugins) get their section the next time a config is validated.
-
-
-def _check_before(check: Any) -> Any:
-    def run(cls: Any, value: Any) -> Any:
-        return check(value)
-
-    return run
-
-
-def _option_section(strategy: Any) -> type[BaseModel]:
-    """The pydantic model of ``influence.<strategy.name>``."""
-    from influence_cli.engine import option_specs
-
-    fields: dict[str, Any] = {}
-    validators: dict[str, Any] = {}
-    strict_numbers = {int: Int, float: Float}  # no YAML booleans, no inf/nan, as everywhere
-    for spec in option_specs(strategy.options_type):
-        fields[spec.name] = (strict_numbers.get(spec.type, spec.type), Field(spec.default, description=spec.help or None, **spec.bounds))
-        if spec.check is not None:
-            validators[f"_check_{spec.name}"] = field_validator(spec.name, mode="before")(_check_before(spec.check))
-    return create_model(
-        f"{strategy.__name__}Options",
-        __base__=_Strict, __doc__=strategy.options_type.__doc__, __validators__=validators, **fields,
-    )
-
-
-_CONFIG_MODELS: dict[tuple[Any, ...], type["Config"]] = {}
-
-
-def config_model() -> type["Config"]:
-    """Config with an ``influence.<name>`` section per registered strategy with options."""
-    from influence_cli.engine import STRATEGIES
-
-    specs = [(name, cls) for name, cls in STRATEGIES.items() if cls.options_type is not None]
-    key = tuple((name, cls.options_type) for name, cls in specs)
-    model = _CONFIG_MODELS.get(key)
-    if model is None:
-        sections = {}
-        for name, cls in specs:
-            if name in InfluenceConfig.model_fields:
-                raise ValueError(f"strategy {name!r} clashes with the influence.{name} setting; rename the strategy")
-            section = _option_section(cls)
-            sections[name] = (section, Field(default_factory=section))
-        influence = create_model("InfluenceConfig", __base__=InfluenceConfig, **sections)
-        model = create_model("Config", __base__=Config, influence=(influence, Field(default_factory=influence)))
-        _CONFIG_MODELS[key] = model
-    return model
-
-
 class FlagConfig(_Strict):
     """Which training examples get flagged as suspects (see README, "Flagging rule")."""
 
@@ -359,13 +329,17 @@ class OutputConfig(_Strict):
 
 #: Config keys that name where files are (resolved against the config's folder), not what they hold.
 PATH_KEYS: dict[str, tuple[str, ...]] = {
-    "data": ("root", "path", "train_path", "test_path"), "model": ("checkpoint", "factory_path"),
+    "data": ("root", "path", "train_path", "test_path", "factory_path"), "model": ("checkpoint", "factory_path"),
 }
 
 
 class Config(_Strict):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     seed: Seed = 0
+    task: Literal["classification", "regression"] = Field(
+        "classification", description="classification (cross-entropy) or regression (squared error; table and "
+        "factory sources, numeric labels; the audit flags outliers, with no suggested label)"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -390,6 +364,18 @@ class Config(_Strict):
                 "influence.ensemble lists checkpoints and model.checkpoint is set too; "
                 "put every checkpoint in influence.ensemble and remove model.checkpoint"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _task_fits_source(self) -> "Config":
+        if self.task == "regression":
+            if self.data.source not in ("table", "factory"):
+                raise ValueError(
+                    f"task: regression reads numeric labels from data.source table or factory, not "
+                    f"'{self.data.source}'; use one of those or task: classification"
+                )
+            if self.data.label_noise.fraction > 0:
+                raise ValueError("data.label_noise flips class labels; it does not apply to task: regression (set fraction: 0)")
         return self
 
     def resolve_path(self, path: str | Path) -> Path:

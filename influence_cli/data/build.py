@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from influence_cli.config import Config
 from influence_cli.errors import DataError
 
 from .builtin import build_cifar10, build_digits, build_fashion_mnist, build_mnist
 from .common import apply_standardisation, check_labels, standardisation
 from .dataset import Datasets, ExampleSet, LabelNoise, SourceData
+from .factory import build_factory
 from .images import build_csv_manifest, build_image_folder
+from .lazy import LazyInputs, stream_standardisation
 from .noise import inject_label_noise
 from .synthetic import build_synthetic
 from .table import build_table
@@ -29,6 +33,7 @@ SOURCES: dict[str, Callable[[Config], SourceData]] = {
     "csv_manifest": build_csv_manifest,
     "table": build_table,
     "synthetic": build_synthetic,
+    "factory": build_factory,
 }
 
 
@@ -78,17 +83,23 @@ def finish(src: SourceData, config: Config) -> Datasets:
     data = config.data
     num_classes = len(src.class_names)
     train_x, train_y, train_ids, train_raw = src.train_x, src.train_y, list(src.train_ids), src.train_raw
+    lazy = isinstance(train_x, LazyInputs)
     if data.limit is not None and data.limit < len(train_y):
         n = data.limit
-        train_x, train_y, train_ids = train_x[:n], train_y[:n], train_ids[:n]
+        train_x = train_x.take(range(n)) if lazy else train_x[:n]
+        train_y, train_ids = train_y[:n], train_ids[:n]
         train_raw = None if train_raw is None else train_raw[:n]
     if len(train_y) == 0:
         raise DataError(f"data.source '{data.source}': no training examples; check data.path / data.train_path")
     if len(src.test_y) == 0:
         raise DataError(f"data.source '{data.source}': no test examples; check data.test_path or raise data.test_fraction")
-    check_labels(train_y, num_classes, f"data.source '{data.source}' (train)")
-    check_labels(src.test_y, num_classes, f"data.source '{data.source}' (test)")
-    check_classes(train_y, src.test_y, list(src.test_ids), list(src.class_names), config, limited=len(train_y) < len(src.train_y))
+    test_y = src.test_y
+    if config.task == "classification":
+        check_labels(train_y, num_classes, f"data.source '{data.source}' (train)")
+        check_labels(src.test_y, num_classes, f"data.source '{data.source}' (test)")
+        check_classes(train_y, src.test_y, list(src.test_ids), list(src.class_names), config, limited=len(train_y) < len(src.train_y))
+    else:
+        train_y, test_y = regression_targets(train_y, src.test_y, data.source)
 
     noise = None
     if data.label_noise.fraction > 0:
@@ -99,17 +110,23 @@ def finish(src: SourceData, config: Config) -> Datasets:
 
     mean = std = None
     test_x = src.test_x
-    train_x = train_x.float()
-    test_x = test_x.float()
-    if data.standardize:
-        mean, std = standardisation(train_x, src.kind)
-        # In place: the source's tensors are ours; train and test never share elements.
-        train_x = apply_standardisation(train_x, mean, std)
-        test_x = apply_standardisation(test_x, mean, std)
+    if lazy:
+        if data.standardize and src.standardize:
+            mean, std = stream_standardisation(train_x, src.kind, config.influence.num_workers)
+            train_x, test_x = train_x.standardised(mean, std), test_x.standardised(mean, std)
+    else:
+        train_x = train_x.float()
+        test_x = test_x.float()
+        if data.standardize and src.standardize:
+            mean, std = standardisation(train_x, src.kind)
+            # In place: the source's tensors are ours; train and test never share elements.
+            train_x = apply_standardisation(train_x, mean, std)
+            test_x = apply_standardisation(test_x, mean, std)
+        train_x, test_x = train_x.contiguous(), test_x.contiguous()
 
     def make(x, y, ids, raw) -> ExampleSet:
         return ExampleSet(
-            inputs=x.contiguous(),
+            inputs=x,
             labels=y,
             ids=ids,
             kind=src.kind,
@@ -122,9 +139,22 @@ def finish(src: SourceData, config: Config) -> Datasets:
 
     return Datasets(
         train=make(train_x, train_y, train_ids, train_raw),
-        test=make(test_x, src.test_y, list(src.test_ids), src.test_raw),
+        test=make(test_x, test_y, list(src.test_ids), src.test_raw),
         class_names=list(src.class_names),
         input_shape=tuple(int(s) for s in train_x.shape[1:]),
         kind=src.kind,
         noise=noise,
     )
+
+
+def regression_targets(train_y: torch.Tensor, test_y: torch.Tensor, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """task: regression labels as float32, every one finite."""
+    out = []
+    for name, y in (("train", train_y), ("test", test_y)):
+        if not y.is_floating_point() and y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise DataError(f"data.source '{source}' ({name}): task: regression needs numeric labels")
+        y = y.float()
+        if not torch.isfinite(y).all():
+            raise DataError(f"data.source '{source}' ({name}): a regression label is NaN or infinite; fix or drop that row")
+        out.append(y)
+    return out[0], out[1]

@@ -149,11 +149,33 @@ def _cifar_batches(folder: Path, files: list[str]) -> tuple[torch.Tensor, torch.
     return x, torch.tensor(labels, dtype=torch.long)
 
 
+def cifar10_checksums() -> dict[str, str]:
+    """{file name: MD5} of the official CIFAR-10 python files, from torchvision's dataset class."""
+    import torchvision.datasets as tvd
+
+    listed = tvd.CIFAR10.train_list + tvd.CIFAR10.test_list + [[tvd.CIFAR10.meta["filename"], tvd.CIFAR10.meta["md5"]]]
+    return {str(name): str(md5) for name, md5 in listed}
+
+
+def verify_cifar10(folder: Path, names: list[str]) -> None:
+    """torchvision's checksum test of each file (MD5, streamed), before any unpickling."""
+    from torchvision.datasets.utils import check_integrity
+
+    sums = cifar10_checksums()
+    for name in names:
+        if not check_integrity(str(folder / name), sums.get(name)):
+            raise DataError(
+                f"{folder / name}: MD5 checksum differs from torchvision's CIFAR-10 file (corrupted, truncated or "
+                "not the official file); it is not read: delete it and set data.download: true"
+            )
+
+
 def build_cifar10(config: Config) -> SourceData:
     """CIFAR-10 from torchvision's on-disk layout: root/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}.
 
-    torchvision downloads (data.download: true); the pickled batches are read here, so
-    files are accepted without torchvision's checksum test.
+    torchvision downloads (data.download: true). Every file is checked against
+    torchvision's own MD5 list (``check_integrity``) before anything is unpickled, so a
+    corrupted, truncated or substituted file is a one-line error, never a pickle load.
     """
     root = _root(config)
     folder = root / CIFAR10_FOLDER
@@ -171,6 +193,7 @@ def build_cifar10(config: Config) -> SourceData:
             f"{folder}: CIFAR-10 files not found ({', '.join(missing)}); set data.download: true to fetch them"
             " (needs network) or fix data.root"
         )
+    verify_cifar10(folder, needed)
     train_x, train_y = _cifar_batches(folder, CIFAR10_TRAIN_FILES)
     test_x, test_y = _cifar_batches(folder, CIFAR10_TEST_FILES)
     meta = _unpickle(folder / CIFAR10_META)

@@ -13,7 +13,8 @@ Validity, cheapest check first:
 - on load, the fingerprints of both splits are recomputed from the loaded tensors and
   compared with the stored ones, so a truncated or corrupted cache is rebuilt, never used.
 
-Sources read from torchvision's folders (mnist, fashion_mnist, cifar10) and synthetic data
+Inputs decoded per batch (data.in_memory: false) are not cached: there is no tensor to
+keep. Sources read from torchvision's folders (mnist, fashion_mnist, cifar10) and synthetic data
 are not cached: the first are already fast binary formats, the second is generated.
 """
 
@@ -253,6 +254,7 @@ def load_datasets(config: Config, cache_dir: Optional[Path], build: Callable[[Co
     replay = [str(w.message) for w in caught]
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if write and len(before) == len(files) and all(_stat(f) == before[str(f)][:2] for f in files):
+    lazy = not isinstance(data.train.inputs, torch.Tensor)  # data.in_memory: false decodes per batch
+    if write and not lazy and len(before) == len(files) and all(_stat(f) == before[str(f)][:2] for f in files):
         _write(path, data, before, replay)
     return data

@@ -45,8 +45,11 @@ def sort_class_names(values: Iterable[str]) -> list[str]:
     return unique
 
 
-def split_indices(labels: Sequence[int] | np.ndarray, test_fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, seeded train/test split; each part keeps the source order.
+def split_indices(
+    labels: Sequence[int] | np.ndarray, test_fraction: float, seed: int, what: str, *, stratify: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (``stratify``: regression targets are not classes), seeded train/test
+    split; each part keeps the source order.
 
     Falls back to an unstratified split (with a warning) when a class is too small to
     stratify. ``what`` names the data in error messages.
@@ -66,7 +69,7 @@ def split_indices(labels: Sequence[int] | np.ndarray, test_fraction: float, seed
         raise DataError(f"data.test_fraction {test_fraction} leaves no test examples out of {n} in {what}; raise it")
     index = np.arange(n)
     try:
-        train, test = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=y)
+        train, test = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=y if stratify else None)
     except ValueError as exc:
         warnings.warn(f"{what}: cannot stratify the test split ({exc}); using a random seeded split", stacklevel=2)
         train, test = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=None)

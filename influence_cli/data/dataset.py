@@ -1,7 +1,8 @@
 """The containers every source produces: ExampleSet (one split), Datasets, LabelNoise.
 
 All inputs live in one float32 tensor (``ExampleSet.inputs``) so batch loaders can slice
-it directly. Standardisation is stored as (mean, std) so ``display`` can undo it and show
+it directly, or, with ``data.in_memory: false``, in a ``lazy.LazyInputs`` that decodes an
+example when it is indexed (batch loaders then go through a DataLoader). Standardisation is stored as (mean, std) so ``display`` can undo it and show
 natural values (uint8 pixels, raw table values).
 """
 
@@ -41,8 +42,8 @@ class ExampleSet(torch.utils.data.Dataset):
     table's id column when data.id_column is set).
     """
 
-    inputs: torch.Tensor  # (N, *input_shape) float32, standardised when data.standardize
-    labels: torch.Tensor  # (N,) int64; the labels used for training (noisy for train)
+    inputs: Any  # (N, *input_shape) float32 tensor (or LazyInputs), standardised when data.standardize
+    labels: torch.Tensor  # (N,) int64 (task: regression: float32); the labels used for training (noisy for train)
     ids: list[str]
     kind: Optional[str] = None  # "image" | "table" | "vector"; inferred from inputs when None
     feature_names: Optional[list[str]] = None  # tables/vectors: one name per feature
@@ -52,8 +53,12 @@ class ExampleSet(torch.utils.data.Dataset):
     raw: Optional[np.ndarray] = field(default=None)  # exact natural values for display (tables), (N, F)
 
     def __post_init__(self) -> None:
-        self.inputs = torch.as_tensor(self.inputs, dtype=torch.float32)
-        self.labels = torch.as_tensor(self.labels, dtype=torch.long).reshape(-1)
+        from .lazy import LazyInputs
+
+        if not isinstance(self.inputs, LazyInputs):
+            self.inputs = torch.as_tensor(self.inputs, dtype=torch.float32)
+        labels = torch.as_tensor(self.labels)
+        self.labels = (labels.float() if labels.is_floating_point() else labels.long()).reshape(-1)
         self.ids = [str(i) for i in self.ids]
         if not (len(self.inputs) == len(self.labels) == len(self.ids)):
             raise ValueError(
@@ -114,8 +119,9 @@ class ExampleSet(torch.utils.data.Dataset):
         """A new set with the chosen examples in the given order; ids, labels and scaling kept."""
         idx = _as_index(indices)
         idx_list = idx.tolist()
+        lazy = not isinstance(self.inputs, torch.Tensor)  # LazyInputs: a view, nothing decoded
         return ExampleSet(
-            inputs=self.inputs[idx],
+            inputs=self.inputs.take(idx_list) if lazy else self.inputs[idx],
             labels=self.labels[idx],
             ids=[self.ids[j] for j in idx_list],
             kind=self.kind,
@@ -170,10 +176,10 @@ class Datasets:
 class SourceData:
     """What a source builder returns, before limit/noise/standardisation."""
 
-    train_x: torch.Tensor
+    train_x: Any  # a tensor, or LazyInputs (data.in_memory: false)
     train_y: torch.Tensor
     train_ids: list[str]
-    test_x: torch.Tensor
+    test_x: Any
     test_y: torch.Tensor
     test_ids: list[str]
     class_names: list[str]
@@ -182,3 +188,4 @@ class SourceData:
     pixel_scale: Optional[float] = 255.0
     train_raw: Optional[np.ndarray] = None
     test_raw: Optional[np.ndarray] = None
+    standardize: bool = True  # False: data.standardize does not apply (factory Datasets)

@@ -1,6 +1,7 @@
 """Image sources: a folder with one subfolder per class, and a CSV manifest (path,label).
 
-Every image is decoded once at build time with Pillow (grayscale -> 1 channel, otherwise
+With ``data.in_memory: false`` (auto: above 1 GiB decoded) images are decoded per batch
+instead (data/lazy.py). Otherwise every image is decoded once at build time with Pillow (grayscale -> 1 channel, otherwise
 RGB -> 3 channels), resized to data.image_size when set. ids are paths: relative to the
 given folder for image_folder (posix, e.g. ``cat/001.png``; examples sorted by that path),
 the ``path`` cell as written for csv_manifest (examples in CSV row order).
@@ -9,7 +10,7 @@ the ``path`` cell as written for csv_manifest (examples in CSV row order).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -75,6 +76,47 @@ def decode_images(files: list[Path], config: Config, origins: Optional[list[str]
     return stacked.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
 
+class _ImageLoader:
+    """Decode row j of ``files`` as a float32 (C, H, W) in [0, 1], like decode_images
+    (a picklable callable: DataLoader workers may need to pickle it)."""
+
+    def __init__(self, files: list[Path], grayscale: bool, size: Optional[list[int]], shape: tuple[int, ...],
+                 origins: Optional[list[str]]):
+        self.files, self.grayscale, self.size, self.shape, self.origins = files, grayscale, size, shape, origins
+
+    def __call__(self, j: int) -> torch.Tensor:
+        try:
+            array = _decode(self.files[j], self.grayscale, self.size)
+        except DataError as exc:
+            raise DataError(f"{self.origins[j]}: {exc}" if self.origins else str(exc)) from None
+        x = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float().div_(255.0)
+        if tuple(x.shape) != self.shape:
+            raise DataError(
+                f"{self.files[j]}: image is {x.shape[1]}x{x.shape[2]} (height x width) but {self.files[0]} is "
+                f"{self.shape[1]}x{self.shape[2]}; set data.image_size: [height, width] to resize all images"
+            )
+        return x
+
+
+def images(files: list[Path], config: Config, origins: Optional[list[str]] = None) -> Any:
+    """decode_images, or with data.in_memory false (auto: above 1 GiB decoded) a
+    LazyInputs that decodes each image when a batch needs it; its fingerprint hashes the
+    files' bytes and the decode settings."""
+    from .factory import is_lazy
+    from .lazy import LazyInputs, hash_files
+
+    if not files:
+        return decode_images(files, config, origins)
+    first = _ImageLoader(files, config.data.grayscale, config.data.image_size, (), origins)
+    array = _decode(files[0], config.data.grayscale, config.data.image_size)
+    shape = (array.shape[2], array.shape[0], array.shape[1])
+    if not is_lazy(config, len(files), 4 * int(np.prod(shape))):
+        return decode_images(files, config, origins)
+    first.shape = shape
+    settings = f"images grayscale={config.data.grayscale} size={config.data.image_size}"
+    return LazyInputs(first, range(len(files)), shape, hash_files(files, settings))
+
+
 # ----------------------------------------------------------------------------- image_folder
 
 
@@ -128,18 +170,23 @@ def build_image_folder(config: Config) -> SourceData:
         train_files = [root / r for r in train_ids]
         test_files = [root / r for r in test_ids]
     lookup = {c: i for i, c in enumerate(class_names)}
-    x = decode_images(train_files + test_files, config)
+    x = images(train_files + test_files, config)
     n_train = len(train_files)
     return SourceData(
-        train_x=x[:n_train],
+        train_x=_part(x, 0, n_train),
         train_y=torch.tensor([lookup[c] for c in train_cls], dtype=torch.long),
         train_ids=train_ids,
-        test_x=x[n_train:],
+        test_x=_part(x, n_train, len(train_files) + len(test_files)),
         test_y=torch.tensor([lookup[c] for c in test_cls], dtype=torch.long),
         test_ids=test_ids,
         class_names=class_names,
         kind="image",
     )
+
+
+def _part(x: Any, start: int, stop: int) -> Any:
+    """Rows start..stop of a tensor (a view) or of LazyInputs (nothing decoded)."""
+    return x[start:stop] if isinstance(x, torch.Tensor) else x.take(range(start, stop))
 
 
 # ----------------------------------------------------------------------------- csv_manifest
@@ -227,13 +274,13 @@ def build_csv_manifest(config: Config) -> SourceData:
         train_files, test_files = [files[i] for i in train_idx], [files[i] for i in test_idx]
         train_origins, test_origins = [origins[i] for i in train_idx], [origins[i] for i in test_idx]
         train_y, test_y = y[torch.from_numpy(train_idx)], y[torch.from_numpy(test_idx)]
-    x = decode_images(train_files + test_files, config, train_origins + test_origins)
+    x = images(train_files + test_files, config, train_origins + test_origins)
     n_train = len(train_files)
     return SourceData(
-        train_x=x[:n_train],
+        train_x=_part(x, 0, n_train),
         train_y=train_y,
         train_ids=train_ids,
-        test_x=x[n_train:],
+        test_x=_part(x, n_train, len(train_files) + len(test_files)),
         test_y=test_y,
         test_ids=test_ids,
         class_names=class_names,

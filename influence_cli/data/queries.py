@@ -79,6 +79,19 @@ def _label(path: Path, i: int, cell: str, class_names: list[str]) -> int:
     raise DataError(f"{_row(path, i)}: unknown label '{cell}' (classes: {', '.join(class_names[:20])})")
 
 
+def _one_hot_sources(names: list[str], columns: dict[str, int], config: Config) -> dict[str, tuple[str, str]]:
+    """{feature '<column>=<category>': (column, category)} for the categorical columns the
+    CSV gives raw (encoded like the training table: data/table.py)."""
+    out = {}
+    for column in config.data.categorical_columns or []:
+        if column not in columns:
+            continue
+        for name in names:
+            if name.startswith(f"{column}=") and name not in columns:
+                out[name] = (column, name[len(column) + 1 :])
+    return out
+
+
 def read_query_rows(csv_path: Path, config: Config, datasets: Datasets) -> QueryRows:
     """Parse the CSV into QueryRows prepared like the training inputs."""
     header, body = _read(csv_path)
@@ -130,7 +143,8 @@ def read_query_rows(csv_path: Path, config: Config, datasets: Datasets) -> Query
         ids = ids_given or [row[columns["path"]].strip() for row in body]
     else:
         names = datasets.train.feature_names or [f"x{j}" for j in range(int(np.prod(datasets.input_shape)))]
-        missing = [n for n in names if n not in columns]
+        one_hot = _one_hot_sources(names, columns, config)
+        missing = [n for n in names if n not in columns and n not in one_hot]
         if missing:
             raise DataError(
                 f"{csv_path}: missing columns {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; "
@@ -139,6 +153,10 @@ def read_query_rows(csv_path: Path, config: Config, datasets: Datasets) -> Query
         values = np.empty((len(body), len(names)), dtype=np.float64)
         for i, row in enumerate(body):
             for j, name in enumerate(names):
+                if name in one_hot:  # a one-hot feature '<column>=<category>' of a raw categorical cell
+                    column, category = one_hot[name]
+                    values[i, j] = 1.0 if row[columns[column]].strip() == category else 0.0
+                    continue
                 cell = row[columns[name]].strip()
                 try:
                     values[i, j] = float(cell)

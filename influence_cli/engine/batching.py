@@ -1,7 +1,7 @@
 """Batches, devices and dtypes: how the engine reads a loader and places a model.
 
-A loader is any re-iterable of batches whose first two items are inputs and integer
-labels; a third item, when it is an integer tensor of the batch's length, carries the
+A loader is any re-iterable of batches whose first two items are inputs and labels
+(integer classes, or floating targets for regression: engine/losses.py); a third item, when it is an integer tensor of the batch's length, carries the
 examples' global indices (``influence_cli.loaders.BatchLoader`` yields them). Nothing
 here prints; progress goes through ``on_batch(stage, n)`` callbacks.
 """
@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from influence_cli.engine.losses import label_dtype
 from influence_cli.errors import InfluenceError
 
 __all__ = [
@@ -96,7 +97,7 @@ def iterate_indexed_batches(
                 and not third.is_complex()
             ):
                 index = third.cpu().to(torch.int64)
-        yield inputs.to(device, non_blocking=True), labels.to(device=device, dtype=torch.long), index
+        yield inputs.to(device, non_blocking=True), labels.to(device=device, dtype=label_dtype(labels)), index
 
 
 def test_batches(
@@ -109,7 +110,7 @@ def test_batches(
     for start in range(0, len(inputs), batch_size):
         yield (
             inputs[start : start + batch_size].to(device),
-            labels[start : start + batch_size].to(device=device, dtype=torch.long),
+            labels[start : start + batch_size].to(device=device, dtype=label_dtype(labels)),
         )
 
 

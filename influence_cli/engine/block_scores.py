@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from influence_cli.engine.batching import model_dtype
 from influence_cli.engine.capture import LayerBatch
 from influence_cli.engine.kernels import Workspace, chunk_size, matmul_t, per_example_grads
+from influence_cli.engine.lowrank import factored_scores, prefer_factored, truncated_svd
 from influence_cli.engine.operators import LayerOperator, operators
 from influence_cli.engine.tracked import column_order, to_internal_order, to_weight_order
 from influence_cli.errors import InfluenceError
@@ -100,6 +101,28 @@ class BlockBound:
     def side_rows(self, side: dict[str, "_TestSide"]) -> int:
         return int(next(iter(side.values())).matrix.shape[0])
 
+    def low_rank_side(self, side: dict[str, "_TestSide"], k: int) -> dict[str, "_TestSide"]:
+        """Every layer's M_t replaced by its rank-k approximation (``engine.lowrank``): the
+        dense M_t,k in the side's basis and its factors in the captured (original) basis."""
+        out = {}
+        for name, s in side.items():
+            op = self.ops[name]
+            if k >= min(op.d_out, op.d_in):
+                out[name] = s
+                continue
+            u, sv = truncated_svd(s.matrix, k)
+            dense = torch.bmm(u, sv.transpose(1, 2))
+            if s.rotated:  # factors back to the original basis: U = Q_S Ũ, VS = Q_A ṼS
+                u = u if op.q_s is None else torch.matmul(op.q_s, u)
+                sv = sv if op.q_a is None else torch.matmul(op.q_a, sv)
+            t = u.shape[0]
+            out[name] = _TestSide(
+                dense, s.rotated, rank=k,
+                u_rows=u.transpose(1, 2).reshape(t * k, op.d_out).contiguous(),
+                sv_rows=sv.transpose(1, 2).reshape(t * k, op.d_in).contiguous(),
+            )
+        return out
+
     def pair_scores(self, side: dict[str, "_TestSide"], layers: dict[str, LayerBatch]) -> Tensor:
         """score(t, i) for the test side against one training batch → (T, n)."""
         total = None
@@ -143,6 +166,9 @@ class _TestSide:
     matrix: Tensor
     rotated: bool
     _transposed: Tensor | None = None
+    rank: int = 0  # > 0: matrix is rank-k, with factors u_rows, sv_rows (engine.lowrank)
+    u_rows: Tensor | None = None  # (T·k, d_out), original basis
+    sv_rows: Tensor | None = None  # (T·k, d_in), original basis
 
     def transposed_rows(self) -> Tensor:
         """M with (d_out, d_in) swapped, contiguous, as (T·d_in, d_out); built once."""
@@ -170,6 +196,8 @@ def _pair_scores(op: LayerOperator, side: _TestSide, batch: LayerBatch, ws: Work
     num_test = m.shape[0]
     a, g = batch.a, batch.g
     n = batch.n
+    if side.rank and prefer_factored(op.d_out, op.d_in, batch.positions, side.rank, num_test):
+        return factored_scores(side.u_rows, side.sv_rows, side.rank, a, g)
     if batch.positions == 1:
         a2, g2 = a[:, 0], g[:, 0]
         if side.rotated:

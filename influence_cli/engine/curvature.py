@@ -1,7 +1,7 @@
-"""Curvature of the mean training cross-entropy w.r.t. the tracked parameters (untracked
+"""Curvature of the mean training loss (cross-entropy, or squared error: engine/losses.py) w.r.t. the tracked parameters (untracked
 ones held fixed, model in eval mode), for the strategies over the flat parameter vector:
 
-- ``gauss_newton``: GN = (1/N) Σ_i J_iᵀ H_out,i J_i, H_out = diag(p) − ppᵀ (PSD).
+- ``gauss_newton``: GN = (1/N) Σ_i J_iᵀ H_out,i J_i, H_out = diag(p) − ppᵀ (PSD; I for squared error).
 - ``hessian``: the exact Hessian (may be indefinite away from a minimum).
 
 Pseudo-gradients (GN = Σ_rows x xᵀ through the ordinary capture), curvature-vector
@@ -16,13 +16,13 @@ import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from influence_cli.engine.batching import iterate_batches
 from influence_cli.engine.capture import ActivationCapture, LayerBatch, logits_of
 from influence_cli.engine.flat import ParameterLayout
+from influence_cli.engine.losses import output_hessian_product, output_hessian_root, task_loss
 from influence_cli.engine.options import CURVATURES
 from influence_cli.errors import InfluenceError
 
@@ -70,16 +70,12 @@ def pseudo_gradient_batches(
         classes = int(logits_of(model(first[0][:1])).shape[-1])
     capture = ActivationCapture(modules, dtype=dtype)
     with torch.no_grad(), capture:
-        for inputs, _labels in itertools.chain([first], iterator):
+        for inputs, labels in itertools.chain([first], iterator):
             n = int(inputs.shape[0])
             rep = inputs.unsqueeze(0).expand(classes, *inputs.shape).reshape(classes * n, *inputs.shape[1:])
             logits = capture.forward(model, rep)
             with torch.enable_grad():
-                p = torch.softmax(logits[:n].detach().to(torch.float64), dim=-1)  # (n, C)
-                sqrt_p = p.sqrt()
-                # m_c[k] = √p_c (δ_ck − p_k): (C, n, C) indexed [c, i, k]
-                eye = torch.eye(classes, dtype=p.dtype, device=p.device)
-                m = sqrt_p.T[:, :, None] * (eye[:, None, :] - p[None, :, :])
+                m = output_hessian_root(logits[:n], labels)  # (C, n, C) indexed [c, i, k]
                 cot = m.reshape(classes * n, classes).to(logits.dtype)
                 loss = (logits * cot).sum()
                 layers = capture.gradients(loss)
@@ -122,18 +118,17 @@ class CurvatureProducts:
                 return self._logits(params, inputs)
 
             logits, vjp_fn = vjp(f, self.tracked)
-            p = torch.softmax(logits.detach(), dim=-1)
 
             def jv(t: dict[str, Tensor]) -> Tensor:
                 return jvp(f, (self.tracked,), (t,))[1]
 
             u = vmap(jv)(tangents)  # (k, n, C)
-            hu = p * u - p * (p * u).sum(-1, keepdim=True)
+            hu = output_hessian_product(logits, labels, u)
             out = vmap(vjp_fn)(hu)[0]
         else:
 
             def loss(params: dict[str, Tensor]) -> Tensor:
-                return F.cross_entropy(self._logits(params, inputs), labels, reduction="sum")
+                return task_loss(self._logits(params, inputs), labels)
 
             g = grad(loss)
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from influence_cli.engine.batching import (
@@ -24,7 +23,7 @@ from influence_cli.engine.batching import (
 )
 from influence_cli.engine.capture import ActivationCapture, LayerBatch
 from influence_cli.engine.kernels import Workspace
-from influence_cli.engine.rng import sample_fisher_labels
+from influence_cli.engine.losses import fisher_labels, task_loss
 from influence_cli.engine.tracked import eval_mode, layer_kind, layer_shape, tracked_modules
 from influence_cli.errors import InfluenceError
 
@@ -112,10 +111,9 @@ def captured_batches(
             with autocast(ctx.device, ctx.amp):
                 logits = capture.forward(ctx.model, inputs)
             if ctx.fisher == "true":
-                probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
-                labels = sample_fisher_labels(probs, ctx.seed, index).to(logits.device)
+                labels = fisher_labels(logits, labels, ctx.seed, index).to(logits.device)
             with torch.enable_grad(), autocast(ctx.device, ctx.amp):
-                loss = F.cross_entropy(logits, labels, reduction="sum")
+                loss = task_loss(logits, labels)
                 layers = capture.gradients(loss)
             del logits, loss
             yield n, layers

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from influence_cli.engine.batching import (
@@ -32,6 +31,7 @@ from influence_cli.engine.batching import (
 )
 from influence_cli.engine.capture import ActivationCapture, LayerBatch
 from influence_cli.engine.kernels import Workspace
+from influence_cli.engine.losses import MEASUREMENTS, measurement_loss
 from influence_cli.engine.tracked import eval_mode
 from influence_cli.errors import InfluenceError
 
@@ -46,7 +46,6 @@ __all__ = [
     "MEASUREMENTS",
 ]
 
-MEASUREMENTS = ("loss", "margin")
 # Preconditioned test gradients take T × (number of weights) elements; past this budget,
 # test rows are scored in groups, each streaming the training set once.
 TEST_GROUP_ELEMENTS = 128 * 1024 * 1024
@@ -100,22 +99,6 @@ class TopInfluences:
 
 
 _TOP_FIELDS = ("proponent_scores", "proponent_indices", "opponent_scores", "opponent_indices")
-
-
-def measurement_loss(logits: Tensor, labels: Tensor, measurement: str = "loss") -> Tensor:
-    """Summed per-example objective whose gradient is the test-side g.
-
-    "loss": cross-entropy. "margin": −(logit_y − logsumexp(other logits)), so a positive
-    score still means "proponent" (up-weighting the training example raises the margin).
-    """
-    if measurement == "loss":
-        return F.cross_entropy(logits, labels, reduction="sum")
-    if measurement == "margin":
-        correct = logits.gather(1, labels[:, None]).squeeze(1)
-        is_label = torch.arange(logits.shape[1], device=logits.device) == labels[:, None]
-        others = logits.masked_fill(is_label, float("-inf"))
-        return -(correct - torch.logsumexp(others, dim=1)).sum()
-    raise InfluenceError(f"measurement must be one of {MEASUREMENTS}, not {measurement!r}")
 
 
 def gradient_batches(
@@ -241,6 +224,7 @@ def pairwise_scores(
     test_batch_size: int = 256,
     amp: str | None = None,
     test_group_rows: int | None = None,
+    query_rank: int = 0,
 ) -> Tensor | TopInfluences:
     """score(t, i) = g_tᵀ (H + λI)⁻¹ g_i for test rows t and every training example i.
 
@@ -250,12 +234,16 @@ def pairwise_scores(
     and bottom-k per test row (memory independent of N) and returns TopInfluences.
     test_group_rows: test rows per pass over the training set (default: as many as fit
     in 128 Mi preconditioned elements). on_batch stages: "test-gradients", "scores".
+    query_rank=k > 0: an approximation — each layer's preconditioned test gradient is
+    replaced by its best rank-k approximation (``engine.lowrank``); 0 = exact.
     """
     _check_measurement(measurement)
     if top is not None and top < 1:
         raise InfluenceError(f"top must be a positive integer, not {top!r}")
     if test_group_rows is not None and test_group_rows < 1:
         raise InfluenceError(f"test_group_rows must be a positive integer, not {test_group_rows!r}")
+    if isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 0:
+        raise InfluenceError(f"query_rank must be 0 (exact) or a positive integer, not {query_rank!r}")
     dev, bound = _bind(model, factors, device, train_loader, on_batch)
     num_test = len(test_inputs) if test_gradients is None else int(next(iter(test_gradients.values())).shape[0])
     if num_test == 0:
@@ -273,6 +261,8 @@ def pairwise_scores(
             side = bound.test_side(batches, rows.stop - rows.start, dataset_size(train_loader))
         else:
             side = bound.side_from_gradients(test_gradients, rows)
+        if query_rank:
+            side = _low_rank_side(bound, side, query_rank)
         blocks = (
             bound.pair_scores(side, layers)
             for _n, layers in gradient_batches(
@@ -283,6 +273,18 @@ def pairwise_scores(
     if top is None:
         return _finite(torch.cat(results, dim=0), _PAIR_MESSAGE)
     return _finite(TopInfluences(*(torch.cat([getattr(r, f) for r in results]) for f in _TOP_FIELDS)), _PAIR_MESSAGE)
+
+
+def _low_rank_side(bound: Any, side: Any, k: int) -> Any:
+    """The test side with each layer's matrix truncated to rank k: the preconditioner's own
+    fast form when it has one, else (flat solvers) dense, through its per-layer export."""
+    native = getattr(bound, "low_rank_side", None)
+    if native is not None:
+        return native(side, k)
+    from influence_cli.engine.lowrank import rank_k
+
+    grads = {name: rank_k(m, k) for name, m in bound.export_side(side).items()}
+    return bound.side_from_gradients(grads, slice(None))
 
 
 def _collect_scores(blocks: Iterable[Tensor], num_test: int, top: int | None) -> Tensor | TopInfluences:

@@ -43,8 +43,10 @@ def render_self_influence_table(
     console: Console,
     title: str = "Most self-influential training examples",
     caption: Optional[str] = None,
+    regression: bool = False,
 ) -> None:
     """Print the top ``top`` rows of a ranking as a rich table (flagged rows highlighted).
+    ``regression``: the label column shows target → prediction and P(given) the loss.
 
     The caption counts the flagged rows of ``df``, which must then be the whole training
     set; a table of some rows only (``infl check``'s offenders) passes its own ``caption``.
@@ -67,16 +69,18 @@ def render_self_influence_table(
     # Fixed-width numeric columns; the id and label columns are sized to fit the console.
     table.add_column("Rank", justify="right", no_wrap=True, min_width=4)
     table.add_column("ID", no_wrap=True, overflow="ellipsis", width=id_width)
-    label_header = f"Given {ARROW} suggested"
+    label_header = f"Target {ARROW} predicted" if regression else f"Given {ARROW} suggested"
     table.add_column(label_header, no_wrap=True, overflow="ellipsis", max_width=max(2 * name_width + 3, len(label_header)))
-    table.add_column("P(given)", justify="right", no_wrap=True, min_width=8)
+    table.add_column("Loss" if regression else "P(given)", justify="right", no_wrap=True, min_width=8)
     table.add_column("Self-influence", justify="right", no_wrap=True, min_width=14)
     table.add_column("Flag", justify="center", no_wrap=True, min_width=4)
     for row in rows:
         given, suggested = label_parts(row)
         flagged = bool(row["flagged"])
         given_text = escape(shorten_end(given, name_width))
-        if flagged:
+        if regression:
+            label = f"{given_text} {ARROW} {escape(shorten_end(str(row['predicted_name']), name_width))}"
+        elif flagged:
             label = f"[red]{given_text}[/] {ARROW} [bold green]{escape(shorten_end(suggested or given, name_width))}[/]"
         else:
             label = given_text
@@ -84,7 +88,7 @@ def render_self_influence_table(
             str(int(row["rank"])),
             escape(shorten(row["id"], id_width)),
             label,
-            format_prob(row["label_prob"]),
+            format_score(row["loss"]) if regression else format_prob(row["label_prob"]),
             format_score(row["self_influence"]),
             f"[bold red]{FLAG_MARK}[/]" if flagged else "",
             style="bold" if flagged else None,
@@ -137,7 +141,8 @@ def render_class_summary(summary: Mapping[str, Any], console: Console, max_class
         pair_table.add_row(
             f"[red]{escape(str(p['given']))}[/]", ARROW, f"[green]{escape(str(p['suggested']))}[/]", str(p["count"])
         )
-    console.print(Columns([per_class, pair_table], padding=(0, 4)))
+    # regression rankings have no given → suggested pairs: an outlier has no better label
+    console.print(Columns([per_class, pair_table], padding=(0, 4)) if pairs else per_class)
 
 
 def _fmt(value: float) -> str:

@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from influence_cli.data import build_datasets
 from influence_cli.errors import ConfigError, DataError
 
-from data_helpers import CIFAR_NAMES, write_fake_cifar, write_fake_mnist
+from data_helpers import CIFAR_NAMES, trust_fake_cifar, write_fake_cifar, write_fake_mnist
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +99,9 @@ def test_torchvision_idx_files(cfg, tmp_path, source, folder):
         assert data.class_names[0] == "T-shirt/top" and len(data.class_names) == 10
 
 
-def test_cifar10_pickle_batches(cfg, tmp_path):
+def test_cifar10_pickle_batches(cfg, tmp_path, monkeypatch):
     written = write_fake_cifar(tmp_path / "c", per_batch=3)
+    trust_fake_cifar(monkeypatch, tmp_path / "c")
     data = build_datasets(cfg(source="cifar10", root="c"))
     assert len(data.train) == 15 and len(data.test) == 3
     assert data.input_shape == (3, 32, 32) and data.class_names == CIFAR_NAMES
@@ -130,8 +131,36 @@ def test_torchvision_root_required(cfg):
         cfg(source="mnist")
 
 
-def test_corrupt_cifar_batch(cfg, tmp_path):
+def test_corrupt_cifar_batch(cfg, tmp_path, monkeypatch):
     write_fake_cifar(tmp_path / "c", per_batch=2)
+    trust_fake_cifar(monkeypatch, tmp_path / "c")
     (tmp_path / "c" / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"not a pickle")
     with pytest.raises(DataError, match="data_batch_2"):
         build_datasets(cfg(source="cifar10", root="c"))
+
+
+def test_cifar_checksum_is_checked_before_unpickling(cfg, tmp_path, monkeypatch):
+    """A file that differs from the checksum list by one byte is refused with one line,
+    and pickle.load is never called on any file."""
+    import pickle
+
+    write_fake_cifar(tmp_path / "c", per_batch=2)
+    trust_fake_cifar(monkeypatch, tmp_path / "c")
+    victim = tmp_path / "c" / "cifar-10-batches-py" / "test_batch"
+    blob = bytearray(victim.read_bytes())
+    blob[-2] ^= 0xFF
+    victim.write_bytes(bytes(blob))
+    loads = []
+    real = pickle.Unpickler
+    monkeypatch.setattr(pickle, "Unpickler", lambda *a, **k: loads.append(1) or real(*a, **k))
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: loads.append(1))
+    with pytest.raises(DataError) as err:
+        build_datasets(cfg(source="cifar10", root="c"))
+    message = str(err.value)
+    assert str(victim) in message and "MD5 checksum" in message and "\n" not in message
+    assert loads == []
+    # the real list is torchvision's: the fake files are not the official ones
+    monkeypatch.undo()
+    from influence_cli.data.builtin import cifar10_checksums
+
+    assert cifar10_checksums()["data_batch_1"] == "c99cafc152244af753f735de768cd75f"

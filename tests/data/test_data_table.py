@@ -109,3 +109,53 @@ def test_table_zero_variance_feature_is_guarded(cfg, tmp_path):
     assert torch.isfinite(data.train.inputs).all() and torch.isfinite(data.test.inputs).all()
     assert data.train.inputs[:, 0].abs().max() == 0
     assert data.test.display(0)["c"] == 5.0
+
+
+def test_parquet_and_categorical_columns(tmp_path):
+    """A parquet table reads like the same CSV; categorical columns become one-hot
+    features in sorted category order taken from the training rows, and query rows giving
+    the raw category encode the same way (an unseen category is all zeros)."""
+    import pandas as pd
+
+    pytest.importorskip("pyarrow")
+    from influence_cli.config import config_from_dict
+    from influence_cli.data import build_datasets
+    from influence_cli.data.queries import read_query_rows
+
+    frame = pd.DataFrame({
+        "size": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "color": ["red", "blue", "red", "green", "blue", "red"],
+        "label": ["a", "b", "a", "b", "a", "b"],
+    })
+    frame.iloc[:4].to_parquet(tmp_path / "train.parquet")
+    test = frame.iloc[4:].copy()
+    test.loc[5, "color"] = "violet"
+    test.to_csv(tmp_path / "test.csv", index=False)
+    config = config_from_dict({"name": "t", "data": {
+        "source": "table", "train_path": str(tmp_path / "train.parquet"), "test_path": str(tmp_path / "test.csv"),
+        "categorical_columns": ["color"], "standardize": False}})
+    data = build_datasets(config)
+    assert data.train.feature_names == ["size", "color=blue", "color=green", "color=red"]
+    assert data.train.inputs.tolist() == [[1, 0, 0, 1], [2, 1, 0, 0], [3, 0, 0, 1], [4, 0, 1, 0]]
+    assert data.test.inputs.tolist() == [[5, 1, 0, 0], [6, 0, 0, 0]]
+    (tmp_path / "q.csv").write_text("size,color\n7,green\n8,violet\n")
+    queries = read_query_rows(tmp_path / "q.csv", config, data)
+    assert queries.inputs.tolist() == [[7, 0, 1, 0], [8, 0, 0, 0]]
+    frame.iloc[:4].to_csv(tmp_path / "train.csv", index=False)
+    same = build_datasets(config.model_copy(update={"data": config.data.model_copy(update={"train_path": str(tmp_path / "train.csv")})}))
+    assert torch.equal(same.train.inputs, data.train.inputs)
+
+
+def test_regression_table_targets(tmp_path):
+    from influence_cli.config import config_from_dict
+    from influence_cli.data import build_datasets
+    from influence_cli.errors import DataError
+
+    (tmp_path / "r.csv").write_text("x,y\n" + "".join(f"{i},{i * 0.5}\n" for i in range(10)))
+    config = config_from_dict({"name": "r", "task": "regression", "data": {
+        "source": "table", "path": str(tmp_path / "r.csv"), "label_column": "y", "standardize": False}})
+    data = build_datasets(config)
+    assert data.class_names == ["y"] and data.train.labels.dtype == torch.float32
+    torch.testing.assert_close(data.train.labels, data.train.inputs[:, 0] * 0.5)
+    (tmp_path / "r.csv").write_text("x,y\n1,2\n2,oops\n3,1\n4,1\n")
+    with pytest.raises(DataError, match="'oops' is not a number; task: regression"):
+        build_datasets(config)

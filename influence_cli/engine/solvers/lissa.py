@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from influence_cli.engine.batching import ProgressCallback, iterate_batches, prepare_model
 from influence_cli.engine.curvature import CurvatureProducts, check_curvature, top_eigenvalue, trace_estimate
 from influence_cli.engine.damping import damping_value
+from influence_cli.engine.losses import label_dtype
 from influence_cli.engine.flat import (
     DENSE_DAMPING_FACTOR,
     FlatBound,
@@ -95,7 +96,7 @@ class _Minibatches:
                 idx = order[start : start + b]
                 yield (
                     self.inputs[idx].to(self.device),
-                    self.labels[idx].to(device=self.device, dtype=torch.long),
+                    self.labels[idx].to(device=self.device, dtype=label_dtype(self.labels)),
                 )
 
 
