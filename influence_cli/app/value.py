@@ -96,7 +96,7 @@ def members_value(
     fstates: Optional[list[FactorsState]] = None,
 ) -> np.ndarray:
     """value_i averaged over the ensemble members (float64, training order)."""
-    fstates = fstates or members_factors(members, strategy)
+    fstates = fstates or members_factors(members, strategy, "value")
     total: Optional[np.ndarray] = None
     for member, fstate in zip(members, fstates):
         warn_solver_limits(member.session, fstate.factors, per_example=False)
