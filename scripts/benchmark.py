@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the influence engine on the workloads of ARCHITECTURE.md.
 
-    python scripts/benchmark.py {fit-factors,self-influence,score} [--workload mlp784|cnn32|all]
+    python scripts/benchmark.py {fit-factors,self-influence,score,value} [--workload mlp784|cnn32|all]
                                 [--kronfluence] [--repeat N]
     python scripts/benchmark.py --whole-process [--workload ...] [--repeat N]   (CLI commands)
     python scripts/benchmark.py lowrank [--workload mlp784] [--rank 32]   (exact vs query_rank)
@@ -11,7 +11,9 @@ Each workload: synthetic seeded data, the model trained ~1 epoch with Adam, CPU,
 torch.set_num_threads(2), float32. Every measured stage runs in its own subprocess so
 its peak RSS is its own; times are reported in-process and as a whole process, and as
 a ratio to one forward+backward epoch (summed CE, weight grads, no optimizer step,
-median of 3 after a warm-up epoch) measured in the same run. Each stage process first
+median of 3 after a warm-up epoch) measured in the same run. ``value``: value_scores of
+the first VALUE_QUERY_ROWS training rows as the query set (one summed query gradient,
+one solve, one pass over the training set). Each stage process first
 runs one warm-up forward+backward batch (not timed), then the stage once.
 
 More workloads (e.g. ``digits-mlp``) plug in as entries of ``WORKLOADS``.
@@ -42,6 +44,7 @@ from torch import nn  # noqa: E402
 
 THREADS = 2
 SEED = 0
+VALUE_QUERY_ROWS = 1_000
 RANK = [32]  # query_rank of the "score-rank" stage (--rank)
 
 
@@ -190,12 +193,14 @@ def run_stage(stage: str, workload: Workload, directory: Path) -> dict:
         result["seconds"] = 0.0
     elif stage == "epoch":
         _epoch(model, loader)  # warm-up
-        times = []
+        times, cpu = [], []
         for _ in range(3):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             _epoch(model, loader)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         result["seconds"] = statistics.median(times)
+        result["cpu_seconds"] = statistics.median(cpu)
     elif stage == "fit-factors":
         t0 = time.perf_counter()
         factors = fit_factors(model, loader, "ekfac")
@@ -216,6 +221,18 @@ def run_stage(stage: str, workload: Workload, directory: Path) -> dict:
             top=10 if stage == "score-top10" else None, query_rank=rank,
         )
         result["seconds"] = time.perf_counter() - t0
+        if stage == "score-full":
+            result["note"] = f"T×N={tuple(out.shape)}"
+    elif stage == "value":
+        from influence_cli.engine import value_scores
+
+        factors = Factors.load(factors_dir)
+        qx, qy = blob["x"][:VALUE_QUERY_ROWS], blob["y"][:VALUE_QUERY_ROWS]
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = value_scores(model, factors, loader, qx, qy)
+        result["seconds"] = time.perf_counter() - t0
+        result["cpu_seconds"] = time.process_time() - c0  # CPU time: less hit by other processes
+        result["note"] = f"T={len(qx)} N={len(out)}"
         if stage != "score-top10":
             result["note"] = f"T×N={tuple(out.shape)}" + (f", query_rank={rank}" if rank else "")
             torch.save(out, directory / f"{workload.name}-{stage}.pt")
@@ -309,6 +326,7 @@ STAGES = {
     "fit-factors": ["fit-factors"],
     "self-influence": ["self-influence"],
     "score": ["score-top10", "score-full"],
+    "value": ["value"],
     "all": ["fit-factors", "self-influence", "score-top10"],  # the resnet18 rows
     "lowrank": ["score-full", "score-rank"],  # exact vs query_rank, with their agreement
 }
@@ -319,6 +337,7 @@ TARGETS = {
     ("cnn32", "score-top10"): 2, ("cnn32", "score-full"): 2,
     ("mlp784", "score-rank"): 10,
     ("resnet18", "fit-factors"): 6, ("resnet18", "self-influence"): 6, ("resnet18", "score-top10"): 6,
+    ("mlp784", "value"): 2, ("cnn32", "value"): 3,
 }
 
 
@@ -366,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare(workload, directory)
             formula = _formulas(workload, directory) if args.memory else {}
             stages = list(STAGES[args.stage])
-            if use_kron:
+            if use_kron and args.stage in KRONFLUENCE:
                 stages.append(KRONFLUENCE[args.stage])
             if "fit-factors" not in stages:
                 prep = measure("fit-factors", workload, directory)  # factors for the later stages
@@ -387,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                     res = measure(stage, workload, directory)
                     if "error" not in res:
                         res["ratio"] = res["seconds"] / epoch["seconds"]
+                        if "cpu_seconds" in res and "cpu_seconds" in epoch:
+                            res["cpu_ratio"] = res["cpu_seconds"] / epoch["cpu_seconds"]
                         if stage in formula and res.get("stage_peak_mb") and res.get("rss_before_mb"):
                             grown = res["stage_peak_mb"] - res["rss_before_mb"]
                             res["note"] = " ".join(filter(None, [res.get("note"), (
@@ -456,6 +477,8 @@ def _row(name: str, stage: str, runs: list[dict], target: float | None) -> tuple
     elif len(good) > 1:
         ratios = sorted(r["ratio"] for r in good)
         notes.append(f"range {ratios[0]:.2f}-{ratios[-1]:.2f}")
+    if all("cpu_ratio" in r for r in good):
+        notes.append(f"CPU-time × epoch {med(r['cpu_ratio'] for r in good):.2f}")
     if target is not None:
         notes.append(f"target ≤ {target}: {'ok' if ratio <= target else 'MISSED'}")
     return (

@@ -86,5 +86,27 @@ def run_report(session: Session, *, strategy: Optional[str] = None, top: int = 5
         kind=data.kind,
         top=top,
         meta=meta,
+        sections=value_sections(session, data),
     )
     return path, si
+
+
+def value_sections(session: Session, data: Any) -> str:
+    """The "most harmful for <set>" gallery when `infl value` wrote value.csv (else "")."""
+    import pandas as pd
+
+    from influence_cli.errors import DataError
+    from influence_cli.render.value import harmful_gallery_html
+    from influence_cli.run import read_json
+
+    path = session.run.root / "value.csv"
+    if not path.is_file():
+        return ""
+    try:
+        table = pd.read_csv(path, dtype={"id": str, "label": str, "predicted": str}, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read it ({exc}); rerun `infl value` or delete the file") from None
+    if "value" not in table.columns or "index" not in table.columns or table["index"].max() >= len(data.train):
+        raise DataError(f"{path}: not a value ranking of this run's training set; rerun `infl value` or delete the file")
+    info = read_json(session.run.root / "value.json") or {}
+    return harmful_gallery_html(table, str(info.get("set", "the query set")), data.train.display, data.kind)

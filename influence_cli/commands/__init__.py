@@ -13,7 +13,7 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-ORDER = ("train", "fit_factors", "self_influence", "score", "check", "fix", "report", "evaluate", "merge", "config")
+ORDER = ("train", "fit_factors", "self_influence", "score", "value", "check", "fix", "report", "evaluate", "merge", "config")
 NOT_COMMANDS = {"common"}
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -33,7 +33,7 @@ def evaluate(
     lds: bool = typer.Option(False, "--lds", help="Linear datamodeling score: retrain on random subsets and correlate with predicted effects."),
     subsets: int = typer.Option(100, "--subsets", min=2, help="LDS: number of random training subsets (each retraining is cached)."),
     fraction: float = typer.Option(0.5, "--fraction", min=0.01, max=0.99, help="LDS: share of the training set in each subset."),
-    seeds: int = typer.Option(1, "--seeds", min=1, help="LDS: retrainings per subset (averaged)."),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="LDS and --value: retrainings per subset / per K (averaged)."),
     test_rows: int = typer.Option(100, "--test-rows", min=1, help="LDS: the first N rows of the test split."),
     measurement: str = typer.Option("loss", "--measurement", "-m", help="LDS: loss or margin."),
     tune_damping: bool = typer.Option(
@@ -44,6 +44,14 @@ def evaluate(
     ),
     grid: str = typer.Option("0.01,0.03,0.1,0.3,1,3,10", "--grid", help="--tune-damping: comma-separated damping factors."),
     tune_subsets: int = typer.Option(20, "--tune-subsets", min=2, help="--tune-damping: LDS retrainings (cached)."),
+    value: Optional[List[str]] = typer.Option(
+        None, "--value", metavar="K",
+        help="Retrain without the K training examples `infl value` calls most harmful for the validation half of the "
+        "test split, without K random and without the K highest-loss ones; report validation and held-out (the "
+        "other half) loss and accuracy next to the full-data model. K: a count (50) or a fraction (0.05, 5%); "
+        "repeatable. --seeds averages retrainings; with --noise F on the noisy run (noise detection is then not run); "
+        "uses the first --strategy (default influence.strategy).",
+    ),
     strategies: Optional[List[str]] = typer.Option(
         None, "--strategy", "-s", metavar="NAME",
         help=f"Strategy to evaluate (repeatable; default: every registered strategy not marked slow; slow, so only when named: {SLOW_STRATEGIES}).",
@@ -65,6 +73,12 @@ def evaluate(
     tune = _tune_settings(grid, tune_subsets, strategies) if tune_damping else None
     session = open_session(config, set_)
     start = time.perf_counter()
+    if value:  # --noise then picks the noisy run for --value; noise detection is not run
+        evaluate_value_option(session, value, seeds, strategies, noise, kind)
+        if not (lds or tune or fix):
+            err.print(f"evaluation finished in {time.perf_counter() - start:.1f} s", highlight=False)
+            return
+        noise = None
     settings = dict(noise=noise, noise_kind=kind, lds=lds, subsets=subsets, fraction=fraction, seeds=seeds, tune=tune, fix=fix)
     run_evaluate(
         session.config,
@@ -103,3 +117,16 @@ def show_fixing(part: str, result: dict, console: object) -> None:
     render_fixing_curve(result, console)
     page = write_fixing_html(result, Path(result["run_dir"]) / "fixing.html")
     console.print(f"→ {escape(str(Path(result['run_dir']) / 'fixing.json'))}, {escape(str(page))}", highlight=False)
+
+
+def evaluate_value_option(session: Any, value: List[str], seeds: int, strategies: Optional[List[str]],
+                          noise: Optional[float], kind: str) -> None:
+    """`--value K`: the retrain-without evaluation (evaluation/value.py), its table on stderr."""
+    from influence_cli.evaluation.value import evaluate_value
+    from influence_cli.render.value import render_value_evaluation
+
+    result = evaluate_value(
+        session.config, ks=value, seeds=seeds, strategy=(strategies or [None])[0], noise=noise, noise_kind=kind,
+        reporter=session.reporter,
+    )
+    render_value_evaluation(result, err)

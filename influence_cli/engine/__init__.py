@@ -19,6 +19,7 @@ Layers (each imports only the ones above it):
 - flat, curvature, solvers/: the strategies over the whole parameter vector;
 - scoring: the one self-influence / pairwise loop over any bound preconditioner;
 - correction: remove / relabel parameter steps θ ± (1/n)·P·Σg through the same bound P;
+- value: the influence of each training example on a whole query set (one pass);
 - api: fit_factors / load_factors / factors_from_sums by strategy name.
 
 The names of the numerical layers are loaded on first use (PEP 562), so that
@@ -56,6 +57,7 @@ _LAZY = {
     # parameter corrections (remove / relabel without retraining)
     "correction_direction": "correction", "correct_model": "correction", "apply_correction": "correction",
     "Correction": "correction", "CorrectionResult": "correction", "untracked_parameters": "correction",
+    "value_scores": "value", "summed_query_gradients": "value",
     # block strategies
     "Factors": "factors", "dense_preconditioner": "factors",
     "LayerFactors": "operators", "LayerOperator": "operators", "precondition": "operators",

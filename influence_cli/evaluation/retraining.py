@@ -26,7 +26,7 @@ from influence_cli.progress import Reporter
 from influence_cli.run import atomic_write_json, hash_object, is_sealed, read_json, seal
 from influence_cli.training import resolve_device, train_model
 
-__all__ = ["subset_indices", "retrain_seed", "measure", "RetrainingPlan", "Retrained", "run_retrainings"]
+__all__ = ["subset_indices", "retrain_seed", "measure", "train_subset", "RetrainingPlan", "Retrained", "run_retrainings"]
 
 
 def subset_indices(seed: int, r: int, n: int, size: int) -> np.ndarray:
@@ -52,6 +52,14 @@ def measure(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, 
     is_label = torch.arange(logits.shape[1]) == labels[:, None]
     others = logits.masked_fill(is_label, float("-inf"))
     return (correct - torch.logsumexp(others, dim=1)).numpy()
+
+
+def train_subset(config: Any, data: Any, indices: np.ndarray, seed: int, device: Any) -> torch.nn.Module:
+    """A fresh model trained with the config's recipe on ``data.train.subset(indices)`` (on CPU after)."""
+    model = build_model(config.model, tuple(data.input_shape), len(data.class_names), seed=seed, base_dir=config.base_dir)
+    # a quiet reporter: train_model's own bar would nest inside the caller's
+    train_model(model, data.train.subset(indices), config.train, seed=seed, device=device, reporter=Reporter())
+    return model.cpu()
 
 
 @dataclass
@@ -115,11 +123,7 @@ class RetrainingPlan:
         config, data = self.config, self.data
         seed = retrain_seed(config.seed, r, s)
         start = time.perf_counter()
-        model = build_model(config.model, tuple(data.input_shape), len(data.class_names), seed=seed, base_dir=config.base_dir)
-        subset = data.train.subset(self.subset_idx[r])
-        # a quiet reporter: train_model's own bar would nest inside ours
-        train_model(model, subset, config.train, seed=seed, device=self.device, reporter=Reporter())
-        model.cpu()
+        model = train_subset(config, data, self.subset_idx[r], seed, self.device)
         values = measure(model, self.test_x, self.test_y, self.measurement)
         elapsed = time.perf_counter() - start
         if not np.all(np.isfinite(values)):
