@@ -144,6 +144,8 @@ def test_report_refuses_a_foreign_value_csv(tiny: Path) -> None:
     table.to_csv(path, index=False)
     result = cli("report", "-c", str(tiny))
     assert result.exit_code == 2 and "value.csv" in result.output and "rerun `infl value`" in result.output
-    assert len(result.output.strip().splitlines()) == 1, result.output
+    # one error line (an earlier info line such as "strategy: auto → exact (...)" may precede it)
+    errors = [line for line in result.output.strip().splitlines() if not line.startswith("strategy: auto")]
+    assert len(errors) == 1 and errors[0].startswith("error:") and "Traceback" not in result.output, result.output
     assert cli("value", "-c", str(tiny)).exit_code == 0  # a fresh ranking mends it
     assert cli("report", "-c", str(tiny)).exit_code == 0

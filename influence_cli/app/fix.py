@@ -126,7 +126,9 @@ def run_fix(session: Session, *, action: str, from_file: Optional[Path], out: Op
         raise InflError("infl fix runs in one process; run it without torchrun")
     if action not in ACTIONS:
         raise InflError(f"--action: '{action}' is not one of {', '.join(ACTIONS)}")
-    strategy = strategy or config.influence.strategy
+    from influence_cli.app.choice import resolve_strategy
+
+    strategy = resolve_strategy(session, strategy)  # auto → exact or ekfac, said once
     state = ensure_model(session)
     chosen = select_fix_set(session, action, from_file)
     fstate = fix_factors(session, state, strategy)

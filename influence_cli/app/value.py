@@ -143,14 +143,15 @@ def run_value(
 ) -> ValueResult:
     """Rank the training set by its influence on the query set; writes value.csv (and
     value.json: what the set was, for the report) on rank 0."""
+    from influence_cli.app.choice import resolve_strategy
     from influence_cli.render.files import write_csv, write_json
 
-    strategy = strategy or session.config.influence.strategy
     start = time.perf_counter()
     members = ensure_members(session)
     queries = query_set(session, members, csv_path, split)
     if only_misclassified:
         queries = queries.misclassified()
+    strategy = resolve_strategy(session, strategy)  # auto → exact or ekfac, said once the queries are valid
     values = members_value(members, strategy, queries, measurement=measurement)
     if not np.all(np.isfinite(values)):
         raise InflError("value scores are not finite: set influence.damping to a larger number")

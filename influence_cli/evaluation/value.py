@@ -220,7 +220,9 @@ def evaluate_value(
         raise InflError("evaluate --value: give at least one K (a count or a fraction)")
     halves = _halves(session)
     members = ensure_members(session)
-    strategy = strategy or session.config.influence.strategy
+    from influence_cli.app.choice import resolve_strategy
+
+    strategy = resolve_strategy(session, strategy)  # auto → exact or ekfac, said once
     orders = _rankings(members, session, strategy, halves)
     retrainer = Retrainer(session, halves)
     seed_list = [int(session.config.seed) + s for s in range(seeds)]
