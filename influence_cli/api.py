@@ -85,7 +85,7 @@ class Auditor:
         train_data: Data,
         test_data: Optional[Data] = None,
         *,
-        strategy: str = "ekfac",
+        strategy: str = "auto",
         task: Literal["classification", "regression"] = "classification",
         class_names: Optional[Sequence[str]] = None,
         train_ids: Optional[Sequence[Any]] = None,

@@ -66,13 +66,13 @@ def test_api_matches_cli(tmp_path, user):
     usermod, model, parts = user
     loader = DataLoader(parts["train"], batch_size=16, shuffle=False)
     audit = infl.Auditor(model, loader, parts["test"], class_names=["no", "yes"], output_dir=tmp_path / "api",
-                         batch_size=32)
+                         batch_size=32, strategy="ekfac")
     table = audit.self_influence()
 
     config = config_from_dict({
         "name": "cli", "data": {"source": "factory", "factory": "usermod:data"},
         "model": {"arch": "factory", "factory": "usermod:model", "checkpoint": str(tmp_path / "model.safetensors")},
-        "influence": {"batch_size": 32}, "output": {"dir": str(tmp_path / "runs")},
+        "influence": {"batch_size": 32, "strategy": "ekfac"}, "output": {"dir": str(tmp_path / "runs")},
     })
     cli = run_self_influence(Session(config, Reporter())).table
     from influence_cli.audit.ranking import SELF_INFLUENCE_COLUMNS

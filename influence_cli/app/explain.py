@@ -149,6 +149,7 @@ def score_queries(
             "(infl self-influence / Auditor.self_influence)"
         )
     start = time.perf_counter()
+    strategy = resolve_strategy(session, strategy)  # the API may pass "auto"
     data = session.data()
     members = ensure_members(session)
     state = members[0].state
