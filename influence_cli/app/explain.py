@@ -121,7 +121,6 @@ def run_score(
 
     from influence_cli.data.queries import read_query_rows
 
-    strategy = resolve_strategy(session, strategy)
     start = time.perf_counter()
     csv_path = Path(csv_path)
     queries = read_query_rows(csv_path, session.config, session.data())
@@ -149,7 +148,7 @@ def score_queries(
             "(infl self-influence / Auditor.self_influence)"
         )
     start = time.perf_counter()
-    strategy = resolve_strategy(session, strategy)  # the API may pass "auto"
+    strategy = resolve_strategy(session, strategy)  # auto → exact or ekfac, said once the queries are read
     data = session.data()
     members = ensure_members(session)
     state = members[0].state
