@@ -15,7 +15,16 @@ score is "higher = more suspicious":
   log p(y'|x_i) from the relabel correction θ' = θ − (1/n)P(g' − g);
 - ``loo_margin`` = (ℓ − ℓ') + (1/n)·gᵀP(g − g') = (ℓ − ℓ') + (A − B + C)/(2n): the
   log-odds of the alternative over the given label had the example been left out —
-  "would the model, not having seen this row, prefer another class, and by how much".
+  "would the model, not having seen this row, prefer another class, and by how much";
+- ``loo_margin_sm`` = (ℓ − ℓ') + (1/n)·gᵀP(g − g') / (1 + A/n): the same log-odds with a
+  Sherman–Morrison leverage correction. A one-step leave-one-out needs the Hessian without
+  the row, (nH − h_i)⁻¹; with the empirical-Fisher term h_i ≈ g gᵀ that is P g/(n − A),
+  meaningless on the rows that matter (A/n > 1 on most flipped rows of the bundled
+  configs: the GGN under-represents a misfit row's own curvature). The well-posed mirror
+  image is the response to a *duplicate* of the row, −(nH + g gᵀ)⁻¹g = −P g/(n + A), whose
+  margin change is −gᵀP(g − g')/(n + A); ``loo_margin_sm`` is the margin minus it. Equal to
+  ``loo_margin`` to first order in 1/n, it shrinks the correction where the row's own
+  leverage A/n is large.
 
 ``LOG_SCALE`` names the scores that are positive and heavy-tailed, flagged by the robust
 z-score of their log (as self-influence always was); the others can be negative and are
@@ -30,7 +39,7 @@ import numpy as np
 
 __all__ = ["SCORES", "LOG_SCALE", "mislabel_scores"]
 
-SCORES = ("self_influence", "loss", "margin", "loo_loss", "relabel_gain", "loo_margin")
+SCORES = ("self_influence", "loss", "margin", "loo_loss", "relabel_gain", "loo_margin", "loo_margin_sm")
 LOG_SCALE = frozenset({"self_influence", "loss", "loo_loss"})
 
 
@@ -49,4 +58,5 @@ def mislabel_scores(terms: Mapping[str, np.ndarray], n: int) -> dict[str, np.nda
         "loo_loss": loss + a / n,
         "relabel_gain": (b - a + c) / (2.0 * n),
         "loo_margin": margin + (a - b + c) / (2.0 * n),
+        "loo_margin_sm": margin + (a - b + c) / (2.0 * (n + a)),
     }

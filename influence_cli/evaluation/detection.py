@@ -73,7 +73,7 @@ METRIC_KEYS = (
 )
 BASELINES = ("loss", "margin", "gradient_norm")
 # The audit.score rankings that depend on the curvature (evaluated for every strategy).
-STRATEGY_SCORES = ("self_influence", "loo_loss", "relabel_gain", "loo_margin")
+STRATEGY_SCORES = ("self_influence", "loo_loss", "relabel_gain", "loo_margin", "loo_margin_sm")
 NOISE_KINDS = ("uniform", "class_conditional")
 
 

@@ -29,6 +29,7 @@ def definitions(g: torch.Tensor, g_alt: torch.Tensor, precondition, loss, loss_a
         "loo_loss": loss + (g * pg).sum(1) / n,
         "relabel_gain": (g_alt * (pg_alt - pg)).sum(1) / n,
         "loo_margin": loss - loss_alt + (g * (pg - pg_alt)).sum(1) / n,
+        "loo_margin_sm": loss - loss_alt + (g * (pg - pg_alt)).sum(1) / (n + (g * pg).sum(1)),
     }
 
 
@@ -81,3 +82,29 @@ def test_exact_scores_match_definitions(setup):  # noqa: F811
     step = -torch.linalg.solve(k, (g_alt - g).T).T / n  # θ' − θ per example
     np.testing.assert_allclose(mislabel_scores({a: b.numpy() for a, b in terms.items()}, n)["relabel_gain"],
                                (-(g_alt * step).sum(1)).numpy(), rtol=1e-7, atol=1e-12)
+
+
+def test_loo_margin_sm_is_the_margin_minus_the_duplicate_row_newton_step(setup):  # noqa: F811
+    """loo_margin_sm against its derivation, without the Sherman–Morrison formula: one
+    Newton step of the summed objective (Hessian n(H + λI)) plus a second copy of row i
+    with curvature g gᵀ, Δθ = −(n(H + λI) + g gᵀ)⁻¹ g, solved densely per row; the score
+    is the margin z_y' − z_y minus the margin change (g − g')ᵀΔθ."""
+    model, x, y = setup
+    solver = fit_factors(model, batches(x, y, 6), "exact", damping=0.2, dtype=F64)
+    terms = mislabel_terms(model, solver, batches(x, y, 5))
+    n = len(x)
+    k = dense_gn(model, x) + 0.2 * torch.eye(solver.num_params, dtype=F64)
+    alt = reference_alternative(model, x, y)
+    g, g_alt = dense_grads(model, x, y), dense_grads(model, x, alt)
+    with torch.no_grad():
+        z = model(x).double()
+    expected = []
+    for i in range(n):
+        step = -torch.linalg.solve(n * k + torch.outer(g[i], g[i]), g[i])
+        expected.append(z[i, alt[i]] - z[i, y[i]] - (g[i] - g_alt[i]) @ step)
+    got = mislabel_scores({a: b.numpy() for a, b in terms.items()}, n)
+    np.testing.assert_allclose(got["loo_margin_sm"], torch.stack(expected).numpy(), rtol=1e-7, atol=1e-10)
+    # first order in 1/n it is loo_margin; the leverage A/n only shrinks the correction
+    shift, shift_sm = got["loo_margin"] - got["margin"], got["loo_margin_sm"] - got["margin"]
+    np.testing.assert_allclose(shift_sm, shift / (1 + got["self_influence"] / n), rtol=1e-9)
+    assert np.all(np.abs(shift_sm) <= np.abs(shift)) and not np.allclose(shift_sm, shift)

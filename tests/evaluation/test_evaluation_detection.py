@@ -53,7 +53,7 @@ def test_result_has_every_ranking_with_metrics_in_unit_interval(detection):
     config, result = detection
     rankings = result["rankings"]
     strategies = set(common.default_strategies())
-    scored = {f"{name}:{score}" for name in strategies for score in ("loo_loss", "relabel_gain", "loo_margin")}
+    scored = {f"{name}:{score}" for name in strategies for score in ("loo_loss", "relabel_gain", "loo_margin", "loo_margin_sm")}
     expected = strategies | scored | {"loss", "margin", "gradient_norm"}
     assert set(rankings) == expected
     # the default flag ranking: auto resolved on this small model, audit.score loo_margin
@@ -133,8 +133,8 @@ def test_failing_strategy_is_skipped_and_others_go_on(tmp_path, monkeypatch):
     assert result["rankings"]["boom"] == {"type": "strategy", "skipped": "model too large for this strategy (test)"}
     assert 0.0 <= result["rankings"]["identity"]["auroc"] <= 1.0
     # the default flag ranking (auto → exact, loo_margin) is scored too, though not asked for
-    default = {"exact", "exact:loo_loss", "exact:relabel_gain", "exact:loo_margin"}
-    scores = {"identity:loo_loss", "identity:relabel_gain", "identity:loo_margin"}
+    default = {"exact", "exact:loo_loss", "exact:relabel_gain", "exact:loo_margin", "exact:loo_margin_sm"}
+    scores = {"identity:loo_loss", "identity:relabel_gain", "identity:loo_margin", "identity:loo_margin_sm"}
     assert set(result["rankings"]) == {"boom", "identity", "loss", "margin", "gradient_norm"} | scores | default
     assert result["default"]["ranking"] == "exact:loo_margin"
     again = evaluate_noise_detection(config, fraction=0.1, strategies=["diagonal"])
