@@ -24,7 +24,7 @@ OUT = Path("runs/mislabel-study")
 
 
 def collect(args: argparse.Namespace) -> None:
-    from influence_cli.app import ensure_members
+    from influence_cli.app import ensure_members, members_probs
     from influence_cli.app.factors import members_factors
     from influence_cli.app.scores import mislabel_terms_block
     from influence_cli.config import load_config
@@ -44,13 +44,16 @@ def collect(args: argparse.Namespace) -> None:
         "original_labels": data.noise.original_labels.numpy(),
         "n": np.int64(len(data.train)),
     }
-    for strategy in args.strategy or ["exact", "ekfac"]:
+    for strategy in [] if args.probs_only else args.strategy or ["exact", "ekfac"]:
         fstate = members_factors(members, strategy, "self-influence")[0]
         terms = mislabel_terms_block(member.session, member.state.model, fstate.factors)
         for key, value in terms.items():
             out[f"{strategy}/{key}"] = value.double().numpy() if key != "alternative" else value.numpy()
+    out["probs"] = members_probs(members, data.train)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{session.config.name}.npz"
+    if args.probs_only:  # add the class probabilities to a saved cell (one forward pass)
+        out = {**dict(np.load(path)), "probs": out["probs"]}
     np.savez(path, **out)
     print(path)
 
@@ -82,7 +85,35 @@ def candidates(t: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     })
     for t_ in (0.25, 0.5, 0.75):
         scores[f"margin+{t_:g}d"] = m + t_ * d
+    if "probs" in t:
+        scores["alo2_margin"] = m + alo2_margin_shift(t, n)
     return scores
+
+
+def alo2_margin_shift(t: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """Second-order (approximate leave-one-out, one Newton step with the row's own GGN
+    curvature removed) change of the margin, the curvature restricted to the output-space
+    plane S = span{u = p − e_y, w = e_y − e_y'} where A, B, C give the geometry.
+
+    With U = [g, g' − g] = Jᵀ[u, w], the row's GGN term restricted to S is U G Uᵀ with
+    G = (VᵀV)⁻¹VᵀΛV(VᵀV)⁻¹, V = [u, w], Λ = diag(p) − ppᵀ; Woodbury gives
+    Δθ = (nK − U G Uᵀ)⁻¹ g = (nK)⁻¹U (I − G Q)⁻¹ e₁ with Q = Uᵀ(nK)⁻¹U = [[A, X], [X, C]]/n,
+    X = gᵀP(g' − g) = (B − A − C)/2, and Δm = (g − g')ᵀΔθ = −e₂ᵀQ(I − GQ)⁻¹e₁
+    (G = 0: the first-order d). Needs the class probabilities (``collect`` saves them).
+    """
+    a, b, c = (np.asarray(t[k], np.float64) for k in ("self_influence", "alternative_self_influence", "relabel_self_influence"))
+    probs, rows = np.asarray(t["probs"], np.float64), np.arange(len(a))
+    eye = np.eye(probs.shape[1])
+    v = np.stack([probs - eye[t["labels"]], eye[t["labels"]] - eye[t["alternative"]]], 2)  # (N, K, 2)
+    lam = probs[:, :, None] * eye[None] - probs[:, :, None] * probs[:, None, :]
+    inv = np.linalg.pinv(np.einsum("nki,nkj->nij", v, v))
+    g = inv @ np.einsum("nki,nkl,nlj->nij", v, lam, v) @ inv
+    x = (b - a - c) / 2.0
+    q = np.stack([np.stack([a, x], 1), np.stack([x, c], 1)], 1) / n
+    e1 = np.zeros((len(rows), 2, 1))
+    e1[:, 0] = 1.0
+    solved = np.linalg.solve(np.eye(2)[None] - g @ q, e1)[..., 0]
+    return -np.einsum("nj,nj->n", q[:, 1], solved)
 
 
 def short(stem: str) -> str:
@@ -103,6 +134,8 @@ def table(args: argparse.Namespace) -> None:
         strategies = sorted({k.split("/")[0] for k in data.files if "/" in k}, key=lambda s: s != "exact")
         for strategy in strategies:
             terms = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(strategy + "/")}
+            if "probs" in data.files:
+                terms.update(probs=data["probs"], labels=data["labels"])
             for name, values in candidates(terms, n).items():
                 rows.setdefault(f"{strategy}:{name}", {})[short(Path(path).stem)] = average_precision(values, flipped)
     cells = sorted({c for r in rows.values() for c in r})
@@ -128,6 +161,7 @@ def main() -> None:
     c.add_argument("--mem", action="store_true")
     c.add_argument("-s", "--strategy", action="append")
     c.add_argument("--set", action="append")
+    c.add_argument("--probs-only", action="store_true", help="only add the class probabilities to a saved cell")
     t = sub.add_parser("table")
     t.add_argument("files", nargs="+")
     args = parser.parse_args()
