@@ -145,10 +145,10 @@ def table(args: argparse.Namespace) -> None:
     for name, r in rows.items():
         if name.endswith((":loss", ":margin")) and not name.startswith("exact:"):
             continue  # no curvature in them: the same for every strategy
-        deltas = [r[c] - loss[c] for c in cells]
+        deltas = [r[c] - loss[c] for c in cells if c in r]
         wins = sum(x >= 0 for x in deltas)
-        print(f"| {name} | " + " | ".join(f"{r[c]:.4f}" for c in cells)
-              + f" | {wins}/{len(cells)} | {min(deltas):+.4f} | {np.mean(deltas):+.4f} |")
+        print(f"| {name} | " + " | ".join(f"{r[c]:.4f}" if c in r else "—" for c in cells)
+              + f" | {wins}/{len(deltas)} | {min(deltas):+.4f} | {np.mean(deltas):+.4f} |")
 
 
 def main() -> None:
