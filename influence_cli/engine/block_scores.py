@@ -99,7 +99,7 @@ class BlockBound:
         return {name: to_weight_order(s.matrix, self.ops[name].perm, 2) for name, s in side.items()}
 
     def side_rows(self, side: dict[str, "_TestSide"]) -> int:
-        return int(next(iter(side.values())).matrix.shape[0])
+        return next(iter(side.values())).num_test
 
     def low_rank_side(self, side: dict[str, "_TestSide"], k: int) -> dict[str, "_TestSide"]:
         """Every layer's M_t replaced by its rank-k approximation (``engine.lowrank``): the
@@ -111,13 +111,13 @@ class BlockBound:
                 out[name] = s
                 continue
             u, sv = truncated_svd(s.matrix, k)
-            dense = torch.bmm(u, sv.transpose(1, 2))
+            side_factors = (u, sv)
             if s.rotated:  # factors back to the original basis: U = Q_S Ũ, VS = Q_A ṼS
                 u = u if op.q_s is None else torch.matmul(op.q_s, u)
                 sv = sv if op.q_a is None else torch.matmul(op.q_a, sv)
             t = u.shape[0]
             out[name] = _TestSide(
-                dense, s.rotated, rank=k,
+                None, s.rotated, rank=k, _side_factors=side_factors,
                 u_rows=u.transpose(1, 2).reshape(t * k, op.d_out).contiguous(),
                 sv_rows=sv.transpose(1, 2).reshape(t * k, op.d_in).contiguous(),
             )
@@ -163,12 +163,26 @@ class _TestSide:
     rotated to match; otherwise M = P(G_t) in the original basis.
     """
 
-    matrix: Tensor
+    _matrix: Tensor | None
     rotated: bool
     _transposed: Tensor | None = None
     rank: int = 0  # > 0: matrix is rank-k, with factors u_rows, sv_rows (engine.lowrank)
     u_rows: Tensor | None = None  # (T·k, d_out), original basis
     sv_rows: Tensor | None = None  # (T·k, d_in), original basis
+    # rank-k only: (U, VS) in the side's basis; the dense M_t,k = U (VS)ᵀ is built from them
+    # on first use, i.e. only if some batch takes the dense contraction (T·d_out·d_in memory)
+    _side_factors: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def matrix(self) -> Tensor:
+        if self._matrix is None:
+            u, sv = self._side_factors
+            self._matrix = torch.bmm(u, sv.transpose(1, 2))
+        return self._matrix
+
+    @property
+    def num_test(self) -> int:
+        return int((self._matrix if self._matrix is not None else self._side_factors[0]).shape[0])
 
     def transposed_rows(self) -> Tensor:
         """M with (d_out, d_in) swapped, contiguous, as (T·d_in, d_out); built once."""
@@ -192,12 +206,12 @@ def _prefer_eigenbasis(op: LayerOperator, num_test: int, positions: int, num_tra
 
 def _pair_scores(op: LayerOperator, side: _TestSide, batch: LayerBatch, ws: Workspace) -> Tensor:
     """Σ_jk M_tjk G_ijk for one layer → (n, T), without building G_i when rank one."""
-    m = side.matrix
-    num_test = m.shape[0]
+    num_test = side.num_test
     a, g = batch.a, batch.g
     n = batch.n
     if side.rank and prefer_factored(op.d_out, op.d_in, batch.positions, side.rank, num_test):
         return factored_scores(side.u_rows, side.sv_rows, side.rank, a, g)
+    m = side.matrix
     if batch.positions == 1:
         a2, g2 = a[:, 0], g[:, 0]
         if side.rotated:
