@@ -18,7 +18,9 @@ numbers, with no per-example gradient ever stored. Also returned: the losses ℓ
 and y' itself. Cost: one forward and three backward passes plus three self-influence
 reductions per batch (≈ 3× ``self_influence``). A Cholesky-factorised solver (``exact``)
 whitens instead: z = L⁻¹g and z' = L⁻¹g' give A = ‖z‖², B = ‖z'‖² and C = ‖z' − z‖², so the
-third backward pass and the third (P²-per-row) triangular solve are skipped.
+third backward pass and the third (P²-per-row) triangular solve are skipped. The block
+strategies (``self_terms``) use the same linearity per layer: G(g') − G(g) = G(g' − g), so two
+backward passes and two rotated gradients give all three forms.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def mislabel_terms(
     capture = ActivationCapture(bound.modules, workspace=Workspace())
     results: dict[str, list[Tensor]] = {name: [] for name in (*QUADRATIC_TERMS, "loss", "alternative_loss", "alternative")}
     whitening = bool(getattr(bound, "can_whiten", False))
-    terms = 2 if whitening else len(QUADRATIC_TERMS)
+    joint = hasattr(bound, "self_terms")
+    terms = 2 if whitening or joint else len(QUADRATIC_TERMS)
     pending: list[list] = [[] for _ in range(terms)]
 
     def reduce() -> None:
@@ -112,7 +115,10 @@ def mislabel_terms(
         n = int(labels.shape[0])
         rows += n
         flush = rows >= bound.chunk_rows
-        if whitening:  # flat parts are fresh tensors, kept until the chunk is solved
+        if joint:
+            for name, value in zip(QUADRATIC_TERMS, bound.self_terms(captured[0], captured[1])):
+                results[name].append(value.cpu().clone())
+        elif whitening:  # flat parts are fresh tensors, kept until the chunk is solved
             for k, layers in enumerate(captured):
                 pending[k].append(bound.self_part(layers))
             if flush:
