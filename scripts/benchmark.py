@@ -221,8 +221,9 @@ def run_stage(stage: str, workload: Workload, directory: Path) -> dict:
             top=10 if stage == "score-top10" else None, query_rank=rank,
         )
         result["seconds"] = time.perf_counter() - t0
-        if stage == "score-full":
-            result["note"] = f"T×N={tuple(out.shape)}"
+        if stage != "score-top10":
+            result["note"] = f"T×N={tuple(out.shape)}" + (f", query_rank={rank}" if rank else "")
+            torch.save(out, directory / f"{workload.name}-{stage}.pt")
     elif stage == "value":
         from influence_cli.engine import value_scores
 
@@ -233,9 +234,6 @@ def run_stage(stage: str, workload: Workload, directory: Path) -> dict:
         result["seconds"] = time.perf_counter() - t0
         result["cpu_seconds"] = time.process_time() - c0  # CPU time: less hit by other processes
         result["note"] = f"T={len(qx)} N={len(out)}"
-        if stage != "score-top10":
-            result["note"] = f"T×N={tuple(out.shape)}" + (f", query_rank={rank}" if rank else "")
-            torch.save(out, directory / f"{workload.name}-{stage}.pt")
     elif stage.startswith("kronfluence-"):
         result.update(_kronfluence(stage.split("-", 1)[1], model, blob, workload, directory))
     else:

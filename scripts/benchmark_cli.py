@@ -6,8 +6,8 @@
 What a user pays per command, start-up included. The workloads of ARCHITECTURE.md are
 written as real inputs (mlp784: a 10,000 × 784 table CSV; cnn32: 5,000 32×32 PNGs in an
 image folder) with a config. `infl train` runs first (it decodes the data and trains one
-epoch, not timed); then `fit-factors`, `self-influence` and `score --matrix` each run as
-a separate process, as in a pipeline, with the data already decoded by the earlier
+epoch, not timed); then `fit-factors`, `self-influence`, `score --matrix` and `score --matrix --query-rank 32`
+(the low-rank approximation) each run as a separate process, as in a pipeline, with the data already decoded by the earlier
 command. Reported next to them, measured in the same run: `python -c "import torch"`
 (the floor of any torch program) and one forward+backward epoch in-process (the floor of
 anything that needs every example's gradient). Ratios are process seconds ÷ epoch.
@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchmark import THREADS, WORKLOADS, Batches, _epoch  # noqa: E402
 
-COMMANDS = ("fit-factors", "self-influence", "score --matrix")
+COMMANDS = ("fit-factors", "self-influence", "score --matrix", "score --matrix --query-rank 32")
 
 
 def cnn32_factory(input_shape=None, num_classes=10):
@@ -125,7 +124,7 @@ def run(workload: str, repeat: int) -> list[tuple]:
             per["epoch (in-process)"].append(epoch_seconds(folder, workload))
             for command in COMMANDS:
                 words = command.split()
-                extra = ["rows.csv", "--matrix", "matrix.safetensors"] if words[0] == "score" else []
+                extra = ["rows.csv", "--matrix", "matrix.safetensors", *words[2:]] if words[0] == "score" else []
                 overwrite = ["--overwrite"] if words[0] == "fit-factors" else []
                 per[command].append(timed([*infl, words[0], *extra, "-c", "bench.yaml", *overwrite], folder))
         epoch = statistics.median(per["epoch (in-process)"])

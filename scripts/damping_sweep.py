@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     strategies = args.strategies or ["ekfac", "kfac"]
     settings = [("auto", f) for f in args.factors] + [(a, 0.1) for a in args.absolute]
-    print(f"| damping | strategy | LDS (mean ± stderr) | detection AP | detection AUROC |")
+    print("| damping | strategy | LDS (mean ± stderr) | detection AP | detection AUROC |")
     print("|---|---|---:|---:|---:|")
     for damping, factor in settings:
         label = f"auto × {factor:g}" if damping == "auto" else f"{damping:g}"

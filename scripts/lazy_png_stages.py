@@ -1,7 +1,7 @@
 """Current and peak RSS of this process after each stage of a lazy PNG audit (in process, so
 the DataLoader worker is not counted): python scripts/lazy_png_stages.py 20000 /tmp/lazy_png
 (run scripts/lazy_png_audit.py first to write the PNGs and audit.yaml)."""
-import resource, sys, time
+import resource, sys
 from pathlib import Path
 def rss():
     cur = [l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from influence_cli.engine.batching import model_dtype
 from influence_cli.engine.capture import LayerBatch
-from influence_cli.engine.kernels import Workspace, chunk_size, matmul_t, per_example_grads
+from influence_cli.engine.kernels import Workspace, chunk_size, matmul_t, per_example_grads, rotated_per_example_grads
 from influence_cli.engine.lowrank import factored_scores, prefer_factored, truncated_svd
 from influence_cli.engine.operators import LayerOperator, operators
 from influence_cli.engine.tracked import column_order, to_internal_order, to_weight_order
@@ -46,6 +46,7 @@ class BlockBound:
         self.ops = operators(factors, device, self.dtype, perms)
         self.row_elements = sum(op.d_out * op.d_in for op in self.ops.values())
         self._ws = Workspace()
+        self._ws_alt = Workspace()  # the second rotated gradient of self_terms
 
     # ----------------------------------------------------------- self-influence
     def self_part(self, layers: dict[str, LayerBatch]) -> Tensor:
@@ -58,6 +59,18 @@ class BlockBound:
 
     def self_scores(self, parts: list[Tensor]) -> Tensor:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def self_terms(
+        self, layers: dict[str, LayerBatch], alternative: dict[str, LayerBatch]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(gᵀPg, g'ᵀPg', (g' − g)ᵀP(g' − g)) summed over layers for one batch, from the
+        captures of two objectives of the same forward pass (``engine.mislabel``)."""
+        totals: list[Tensor] | None = None
+        for name, batch in layers.items():
+            parts = _self_terms(self.ops[name], batch, alternative[name], self._ws, self._ws_alt)
+            totals = list(parts) if totals is None else [t.add_(p) for t, p in zip(totals, parts)]
+        assert totals is not None
+        return totals[0], totals[1], totals[2]
 
     # ----------------------------------------------------------------- pairwise
     def test_side(
@@ -99,7 +112,7 @@ class BlockBound:
         return {name: to_weight_order(s.matrix, self.ops[name].perm, 2) for name, s in side.items()}
 
     def side_rows(self, side: dict[str, "_TestSide"]) -> int:
-        return int(next(iter(side.values())).matrix.shape[0])
+        return next(iter(side.values())).num_test
 
     def low_rank_side(self, side: dict[str, "_TestSide"], k: int) -> dict[str, "_TestSide"]:
         """Every layer's M_t replaced by its rank-k approximation (``engine.lowrank``): the
@@ -111,13 +124,13 @@ class BlockBound:
                 out[name] = s
                 continue
             u, sv = truncated_svd(s.matrix, k)
-            dense = torch.bmm(u, sv.transpose(1, 2))
+            side_factors = (u, sv)
             if s.rotated:  # factors back to the original basis: U = Q_S Ũ, VS = Q_A ṼS
                 u = u if op.q_s is None else torch.matmul(op.q_s, u)
                 sv = sv if op.q_a is None else torch.matmul(op.q_a, sv)
             t = u.shape[0]
             out[name] = _TestSide(
-                dense, s.rotated, rank=k,
+                None, s.rotated, rank=k, _side_factors=side_factors,
                 u_rows=u.transpose(1, 2).reshape(t * k, op.d_out).contiguous(),
                 sv_rows=sv.transpose(1, 2).reshape(t * k, op.d_in).contiguous(),
             )
@@ -141,10 +154,7 @@ def _self_scores(op: LayerOperator, batch: LayerBatch, ws: Workspace) -> Tensor:
         # In place only on fresh rotated tensors, never on the captured data.
         a_sq = a_rot.square() if op.q_a is None else a_rot.square_()
         g_sq = g_rot.square() if op.q_s is None else g_rot.square_()
-        # Σ_jk g̃_j² W_jk ã_k²: matmul over the larger side, rowwise dot over the smaller.
-        if op.d_out <= op.d_in:
-            return (matmul_t(a_sq, w) * g_sq).sum(1)
-        return (matmul_t(g_sq, op.inverse_t) * a_sq).sum(1)
+        return _rank_one_forms(op, a_sq, [g_sq])[0]
     n = batch.n
     out = a.new_empty(n)
     step = chunk_size(op.d_out * op.d_in * 2)
@@ -152,6 +162,54 @@ def _self_scores(op: LayerOperator, batch: LayerBatch, ws: Workspace) -> Tensor:
     for start in range(0, n, step):
         rotated = op.rotated_grads(a[start : start + step], g[start : start + step], ws)
         out[start : start + step] = torch.mv(rotated.square_().reshape(rotated.shape[0], -1), w_flat)
+    return out
+
+
+def _rank_one_forms(op: LayerOperator, a_sq: Tensor, g_sqs: list[Tensor]) -> list[Tensor]:
+    """Σ_jk g̃_j² W_jk ã_k² for each g̃² of ``g_sqs`` (same ã): a matmul over the larger
+    side (shared when it is the A side), a rowwise dot over the smaller."""
+    if op.d_out <= op.d_in:
+        aw = matmul_t(a_sq, op.inverse)
+        return [(aw * g_sq).sum(1) for g_sq in g_sqs]
+    return [(matmul_t(g_sq, op.inverse_t) * a_sq).sum(1) for g_sq in g_sqs]
+
+
+def _self_terms(
+    op: LayerOperator, batch: LayerBatch, alternative: LayerBatch, ws: Workspace, ws_alt: Workspace
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer's gᵀPg, g'ᵀPg' and (g' − g)ᵀP(g' − g) for a batch → three (n,).
+
+    ``alternative`` holds g' for the same activations a. A per-example gradient is linear in
+    the output gradient, G(g') − G(g) = G(g' − g), so the third form needs neither its own
+    backward pass nor its own rotation: two rotated gradients give all three.
+    """
+    a, g, g_alt = batch.a, batch.g, alternative.g
+    if batch.positions == 1:
+        a_rot, g_rot = op.rotate_vectors(a[:, 0], g[:, 0])
+        alt_rot = g_alt[:, 0] if op.q_s is None else matmul_t(g_alt[:, 0].contiguous(), op.q_s_t)
+        diff = alt_rot - g_rot
+        forms = _rank_one_forms(op, a_rot.square(), [g_rot.square(), alt_rot.square(), diff.square_()])
+        return forms[0], forms[1], forms[2]
+    n = batch.n
+    out = (a.new_empty(n), a.new_empty(n), a.new_empty(n))
+    step = chunk_size(op.d_out * op.d_in * 4)
+    w_flat = op.inverse.reshape(-1)
+    positions, d_in = a.shape[1], a.shape[2]
+    # Where the A side is rotated per position (P < d_out, the flop rule of
+    # kernels.rotated_per_example_grads) both gradients share that rotation: do it once.
+    shared_a = op.q_a is not None and positions < op.d_out
+    q_a = None if shared_a else op.q_a
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        a_rows = a[rows]
+        if shared_a:
+            a_rows = matmul_t(a_rows.reshape(-1, d_in), op.q_a_t).view(a_rows.shape[0], positions, d_in)
+        rotated = rotated_per_example_grads(a_rows, g[rows], q_a, op.q_s, ws, op.q_a_t if q_a is not None else None)
+        rotated_alt = rotated_per_example_grads(a_rows, g_alt[rows], q_a, op.q_s, ws_alt, op.q_a_t if q_a is not None else None)
+        k = rotated.shape[0]
+        diff = rotated_alt - rotated
+        for target, tensor in zip(out, (rotated, rotated_alt, diff)):
+            target[rows] = torch.mv(tensor.square_().reshape(k, -1), w_flat)
     return out
 
 
@@ -163,12 +221,26 @@ class _TestSide:
     rotated to match; otherwise M = P(G_t) in the original basis.
     """
 
-    matrix: Tensor
+    _matrix: Tensor | None
     rotated: bool
     _transposed: Tensor | None = None
     rank: int = 0  # > 0: matrix is rank-k, with factors u_rows, sv_rows (engine.lowrank)
     u_rows: Tensor | None = None  # (T·k, d_out), original basis
     sv_rows: Tensor | None = None  # (T·k, d_in), original basis
+    # rank-k only: (U, VS) in the side's basis; the dense M_t,k = U (VS)ᵀ is built from them
+    # on first use, i.e. only if some batch takes the dense contraction (T·d_out·d_in memory)
+    _side_factors: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def matrix(self) -> Tensor:
+        if self._matrix is None:
+            u, sv = self._side_factors
+            self._matrix = torch.bmm(u, sv.transpose(1, 2))
+        return self._matrix
+
+    @property
+    def num_test(self) -> int:
+        return int((self._matrix if self._matrix is not None else self._side_factors[0]).shape[0])
 
     def transposed_rows(self) -> Tensor:
         """M with (d_out, d_in) swapped, contiguous, as (T·d_in, d_out); built once."""
@@ -192,12 +264,12 @@ def _prefer_eigenbasis(op: LayerOperator, num_test: int, positions: int, num_tra
 
 def _pair_scores(op: LayerOperator, side: _TestSide, batch: LayerBatch, ws: Workspace) -> Tensor:
     """Σ_jk M_tjk G_ijk for one layer → (n, T), without building G_i when rank one."""
-    m = side.matrix
-    num_test = m.shape[0]
+    num_test = side.num_test
     a, g = batch.a, batch.g
     n = batch.n
     if side.rank and prefer_factored(op.d_out, op.d_in, batch.positions, side.rank, num_test):
         return factored_scores(side.u_rows, side.sv_rows, side.rank, a, g)
+    m = side.matrix
     if batch.positions == 1:
         a2, g2 = a[:, 0], g[:, 0]
         if side.rotated:

@@ -194,6 +194,14 @@ class FlatBound:
     def self_scores(self, parts: list[Tensor]) -> Tensor:
         return self.solver.self_scores(torch.cat(parts))
 
+    @property
+    def can_whiten(self) -> bool:
+        """Whether :meth:`whiten` exists: a Cholesky-factorised solver (exact)."""
+        return bool(getattr(self.solver, "can_whiten", False))
+
+    def whiten(self, parts: list[Tensor]) -> Tensor:
+        return self.solver.whiten(torch.cat(parts))
+
     def test_side(
         self, batches: Iterable[tuple[int, dict[str, LayerBatch]]], num_test: int, num_train: int | None
     ) -> Tensor:

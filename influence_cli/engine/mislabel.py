@@ -16,7 +16,11 @@ The cross term follows by polarisation: g'ᵀPg = (A + B − C) / 2, so every fi
 score that mixes the two labels (``influence_cli.audit.scores``) is exact in these three
 numbers, with no per-example gradient ever stored. Also returned: the losses ℓ(y), ℓ(y')
 and y' itself. Cost: one forward and three backward passes plus three self-influence
-reductions per batch (≈ 3× ``self_influence``).
+reductions per batch (≈ 3× ``self_influence``). A Cholesky-factorised solver (``exact``)
+whitens instead: z = L⁻¹g and z' = L⁻¹g' give A = ‖z‖², B = ‖z'‖² and C = ‖z' − z‖², so the
+third backward pass and the third (P²-per-row) triangular solve are skipped. The block
+strategies (``self_terms``) use the same linearity per layer: G(g') − G(g) = G(g' − g), so two
+backward passes and two rotated gradients give all three forms.
 """
 
 from __future__ import annotations
@@ -76,7 +80,22 @@ def mislabel_terms(
     dev, bound = _bind(model, factors, device, loader, on_batch)
     capture = ActivationCapture(bound.modules, workspace=Workspace())
     results: dict[str, list[Tensor]] = {name: [] for name in (*QUADRATIC_TERMS, "loss", "alternative_loss", "alternative")}
-    pending: list[list] = [[] for _ in QUADRATIC_TERMS]
+    whitening = bool(getattr(bound, "can_whiten", False))
+    joint = hasattr(bound, "self_terms")
+    terms = 2 if whitening or joint else len(QUADRATIC_TERMS)
+    pending: list[list] = [[] for _ in range(terms)]
+
+    def reduce() -> None:
+        if whitening:
+            z, z_alt = bound.whiten(pending[0]), bound.whiten(pending[1])
+            for name, z_term in zip(QUADRATIC_TERMS, (z, z_alt, z_alt - z)):
+                results[name].append(z_term.square().sum(0).cpu().clone())
+        else:
+            for k, parts in enumerate(pending):
+                results[QUADRATIC_TERMS[k]].append(bound.self_scores(parts).cpu().clone())
+        for parts in pending:
+            parts.clear()
+
     rows = 0
     for inputs, labels in iterate_batches(loader, dev):
         captured = []
@@ -85,7 +104,7 @@ def mislabel_terms(
                 logits = capture.forward(model, inputs)
             alternative = alternative_labels(logits, labels)
             with torch.enable_grad(), autocast(inputs.device, amp):
-                objectives = _objectives(logits, labels, alternative)
+                objectives = _objectives(logits, labels, alternative)[:terms]
                 for k, objective in enumerate(objectives):
                     captured.append(capture.gradients(objective, retain_graph=k + 1 < len(objectives)))
             wide = logits.detach().double()
@@ -96,17 +115,25 @@ def mislabel_terms(
         n = int(labels.shape[0])
         rows += n
         flush = rows >= bound.chunk_rows
-        for k, layers in enumerate(captured):
-            pending[k].append(bound.self_part(layers))
-            if flush:  # before the next term's part, so reused buffers are consumed in order
-                results[QUADRATIC_TERMS[k]].append(bound.self_scores(pending[k]).cpu().clone())
-                pending[k] = []
+        if joint:
+            for name, value in zip(QUADRATIC_TERMS, bound.self_terms(captured[0], captured[1])):
+                results[name].append(value.cpu().clone())
+        elif whitening:  # flat parts are fresh tensors, kept until the chunk is solved
+            for k, layers in enumerate(captured):
+                pending[k].append(bound.self_part(layers))
+            if flush:
+                reduce()
+        else:
+            for k, layers in enumerate(captured):
+                pending[k].append(bound.self_part(layers))
+                if flush:  # before the next term's part, so reused buffers are consumed in order
+                    results[QUADRATIC_TERMS[k]].append(bound.self_scores(pending[k]).cpu().clone())
+                    pending[k] = []
         rows = 0 if flush else rows
         if on_batch is not None:
             on_batch("self-influence", n)
-    for k, parts in enumerate(pending):
-        if parts:
-            results[QUADRATIC_TERMS[k]].append(bound.self_scores(parts).cpu().clone())
+    if pending[0]:
+        reduce()
     if not results["loss"]:
         raise InfluenceError("the data loader yielded no examples")
     out = {name: torch.cat(values) for name, values in results.items()}

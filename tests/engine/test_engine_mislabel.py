@@ -13,7 +13,7 @@ from influence_cli.engine import fit_factors
 from influence_cli.engine.factors import dense_preconditioner
 from influence_cli.engine.mislabel import mislabel_terms
 from influence_cli.engine.reference import per_example_gradients
-from engine_helpers import batches
+from engine_helpers import batches, make_branch_cnn, make_cnn, make_data, make_mlp, seeded
 from test_engine_solvers import dense_gn, dense_grads, setup  # noqa: F401  (fixture)
 
 F64 = torch.float64
@@ -46,9 +46,20 @@ def check(got_terms, ref: dict[str, torch.Tensor], n: int) -> None:
         np.testing.assert_allclose(got[name], ref[name].numpy(), rtol=1e-7, atol=1e-10, err_msg=name)
 
 
+@pytest.fixture(params=["mlp", "cnn", "branch_cnn"])
+def block_setup(request):
+    """The solver tests' models plus BranchCNN, whose convs take every branch of the
+    per-side flop rule (c2 rotates A per position: the two gradients share that rotation)."""
+    if request.param == "mlp":
+        return seeded(make_mlp), *make_data((6,), 22)
+    if request.param == "cnn":
+        return seeded(make_cnn), *make_data((2, 6, 6), 14)
+    return seeded(make_branch_cnn), *make_data((3, 4, 4), 13)
+
+
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])
-def test_block_strategy_scores_match_definitions(setup, strategy):  # noqa: F811
-    model, x, y = setup
+def test_block_strategy_scores_match_definitions(block_setup, strategy):
+    model, x, y = block_setup
     factors = fit_factors(model, batches(x, y, 6), strategy, dtype=F64, seed=1)
     terms = mislabel_terms(model, factors, batches(x, y, 5))
     alt = reference_alternative(model, x, y)

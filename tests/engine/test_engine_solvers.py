@@ -171,6 +171,26 @@ def test_exact_precondition_matches_dense_solve(setup, curvature):
         assert rel(solver.self_scores(v), (v * ref).sum(1)) < 1e-8
 
 
+def test_exact_float32_factor_above_4096_parameters_matches_float64_solve():
+    from influence_cli.engine.solvers.exact import work_dtype
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(70, 60), nn.Tanh(), nn.Linear(60, 4))  # 4,504 parameters, float32
+    x = torch.randn(40, 70)
+    y = torch.randint(0, 4, (40,))
+    assert work_dtype(torch.float32, 4504) == torch.float32 and work_dtype(torch.float64, 4504) == F64
+    assert work_dtype(torch.float32, 4096) == F64
+    solver = fit_exact(model, batches(x, y, 16), damping=0.05, dtype=torch.float32)
+    assert solver.factor.dtype == torch.float32 and solver.num_params == 4504
+    wide = seeded(lambda: nn.Sequential(nn.Linear(70, 60), nn.Tanh(), nn.Linear(60, 4)))
+    wide.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    dense = dense_gn(wide, x.double()) + 0.05 * torch.eye(4504, dtype=F64)
+    v = torch.randn(3, 4504, generator=torch.Generator().manual_seed(2))
+    ref = torch.linalg.solve(dense, v.double().T).T
+    assert rel(solver.precondition_flat(v).double(), ref) < 1e-4
+    assert rel(solver.self_scores(v).double(), (v.double() * ref).sum(1)) < 1e-4
+
+
 def test_exact_auto_damping_is_scaled_mean_eigenvalue(setup):
     model, x, y = setup
     solver = fit_exact(model, batches(x, y, 6), dtype=F64)
