@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -72,6 +73,25 @@ def test_fix_flagged_relabels_and_writes_its_outputs(audited) -> None:
     assert all(want[i] == lab for i, lab in zip(overrides["id"], overrides["label"]))
     assert (run / "fixed.safetensors").is_file()
     assert [e["id"] for e in summary["examples"]] == list(changed["id"])
+
+
+def test_fix_on_an_ensemble_corrects_its_first_member(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    path = noisy_config(tmp_path, "ens")
+    assert invoke("self-influence", "-c", str(path), "--set", "influence.ensemble=2").exit_code == 0
+    run = tmp_path / "runs" / "ens"
+    flagged = pd.read_csv(run / "mislabels.csv", keep_default_na=False, dtype=str)
+    rows = tmp_path / "rows.csv"
+    flagged[["id", "suggested_label"]].rename(columns={"suggested_label": "new_label"}).to_csv(rows, index=False)
+    result = invoke("fix", "-c", str(path), "--set", "influence.ensemble=2", "--from", str(rows), "--out", str(tmp_path / "a.safetensors"))
+    assert result.exit_code == 0, result.output
+    assert "corrects member 1 of 2" in result.output
+    # the same rows fixed on a one-model run (member 1 is that model) give the same weights
+    single = invoke("fix", "-c", str(path), "--from", str(rows), "--out", str(tmp_path / "b.safetensors"))
+    assert single.exit_code == 0, single.output
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_label_overrides_change_the_training_labels_and_fingerprint(audited, tmp_path: Path) -> None:

@@ -120,8 +120,6 @@ def run_fix(session: Session, *, action: str, from_file: Optional[Path], out: Op
             strategy: Optional[str], verify: bool, finetune_steps: int) -> FixResult:
     """Correct the run's model for the chosen examples; write the outputs; optionally verify."""
     config = session.config
-    if config.influence.ensemble_size() > 1:
-        raise InflError("infl fix corrects one model; set influence.ensemble: 1 (or null)")
     if session.dist.active:
         raise InflError("infl fix runs in one process; run it without torchrun")
     if action not in ACTIONS:
@@ -129,6 +127,9 @@ def run_fix(session: Session, *, action: str, from_file: Optional[Path], out: Op
     from influence_cli.app.choice import resolve_strategy
 
     strategy = resolve_strategy(session, strategy)  # auto → exact or ekfac, said once
+    size = config.influence.ensemble_size()
+    if size > 1:  # the flags come from the whole ensemble; the correction is of one model
+        session.reporter.info(f"ensemble: infl fix corrects member 1 of {size} (the model a one-model run trains)")
     state = ensure_model(session)
     chosen = select_fix_set(session, action, from_file)
     fstate = fix_factors(session, state, strategy)

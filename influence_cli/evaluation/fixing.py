@@ -107,8 +107,9 @@ def evaluate_fixing(
     reporter = reporter or Reporter()
     fractions = [float(f) for f in fractions]
     total = Stopwatch()
-    if config.influence.ensemble_size() > 1:
-        raise InflError("evaluate --fix corrects one model; set influence.ensemble: 1 (or null)")
+    if config.influence.ensemble_size() > 1:  # the curve corrects and retrains one model
+        reporter.info(f"evaluate --fix measures one model: influence.ensemble {config.influence.ensemble_size()} → 1")
+        config = config.model_copy(update={"influence": config.influence.model_copy(update={"ensemble": 1})})
     session = _noisy_session(config, fraction, kind, reporter)
     data = session.data()
     members = ensure_members(session)
