@@ -9,7 +9,8 @@ same run directory, so the checkpoint and factors are shared with it), and for e
 strategy (default exact and ekfac) saves the engine's terms A = gᵀPg, B = g'ᵀPg',
 C = (g'−g)ᵀP(g'−g), ℓ, ℓ', y' with the flip mask and n to
 runs/mislabel-study/<run>.npz. ``--mem`` is the memorising regime (300 epochs, no weight
-decay, run name <config>-mem). ``table`` prints the AP of every score of
+decay, run name <config>-mem); single models (``influence.ensemble=1`` unless --set).
+``table`` prints the AP of every score of
 ``audit.scores.SCORES`` and of the candidates below, per cell and strategy.
 """
 
@@ -31,7 +32,8 @@ def collect(args: argparse.Namespace) -> None:
     from influence_cli.evaluation.detection import _noisy_session
     from influence_cli.progress import Reporter
 
-    overrides = [f"name={args.config}-mem", "train.epochs=300", "train.weight_decay=0"] if args.mem else []
+    overrides = ["influence.ensemble=1"]  # the study is of single models (digits-mlp bundles 3)
+    overrides += [f"name={args.config}-mem", "train.epochs=300", "train.weight_decay=0"] if args.mem else []
     overrides += list(args.set or [])  # after the regime's, so a --set name=... wins
     config = load_config(args.config, overrides)
     session = _noisy_session(config, args.fraction, args.kind, Reporter())
