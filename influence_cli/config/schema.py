@@ -211,7 +211,7 @@ class CheckConfig(_Strict):
 class AuditConfig(_Strict):
     top: Int = Field(20, ge=1)
     score: Literal["self_influence", "loss", "margin", "loo_loss", "relabel_gain", "loo_margin", "loo_margin_sm"] = Field(
-        "loo_margin", description="what ranks and flags the suspects (README: Mislabel scores); self_influence is always in the CSV"
+        "loo_margin_sm", description="what ranks and flags the suspects (README: Mislabel scores); self_influence is always in the CSV"
     )
     flag: FlagConfig = Field(default_factory=FlagConfig)
     check: CheckConfig = Field(default_factory=CheckConfig)

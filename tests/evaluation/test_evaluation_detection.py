@@ -56,11 +56,11 @@ def test_result_has_every_ranking_with_metrics_in_unit_interval(detection):
     scored = {f"{name}:{score}" for name in strategies for score in ("loo_loss", "relabel_gain", "loo_margin", "loo_margin_sm")}
     expected = strategies | scored | {"loss", "margin", "gradient_norm"}
     assert set(rankings) == expected
-    # the default flag ranking: auto resolved on this small model, audit.score loo_margin
+    # the default flag ranking: auto resolved on this small model, audit.score loo_margin_sm
     default = result["default"]
-    assert default["strategy"] == "exact" and default["score"] == "loo_margin"
-    assert default["ranking"] == "exact:loo_margin" and "exact:loo_margin" in result["rankings"]
-    assert default["average_precision"] == rankings["exact:loo_margin"]["average_precision"]
+    assert default["strategy"] == "exact" and default["score"] == "loo_margin_sm"
+    assert default["ranking"] == "exact:loo_margin_sm" and "exact:loo_margin_sm" in result["rankings"]
+    assert default["average_precision"] == rankings["exact:loo_margin_sm"]["average_precision"]
     for name in (*CORE, "loss", "gradient_norm"):
         assert "skipped" not in rankings[name], rankings[name]
     for name, entry in rankings.items():
@@ -132,11 +132,11 @@ def test_failing_strategy_is_skipped_and_others_go_on(tmp_path, monkeypatch):
     result = evaluate_noise_detection(config, fraction=0.1, strategies=["boom", "identity"])
     assert result["rankings"]["boom"] == {"type": "strategy", "skipped": "model too large for this strategy (test)"}
     assert 0.0 <= result["rankings"]["identity"]["auroc"] <= 1.0
-    # the default flag ranking (auto → exact, loo_margin) is scored too, though not asked for
+    # the default flag ranking (auto → exact, loo_margin_sm) is scored too, though not asked for
     default = {"exact", "exact:loo_loss", "exact:relabel_gain", "exact:loo_margin", "exact:loo_margin_sm"}
     scores = {"identity:loo_loss", "identity:relabel_gain", "identity:loo_margin", "identity:loo_margin_sm"}
     assert set(result["rankings"]) == {"boom", "identity", "loss", "margin", "gradient_norm"} | scores | default
-    assert result["default"]["ranking"] == "exact:loo_margin"
+    assert result["default"]["ranking"] == "exact:loo_margin_sm"
     again = evaluate_noise_detection(config, fraction=0.1, strategies=["diagonal"])
     assert not again["model"]["trained_now"]
     # identity was not asked for: gradient_norm computes it on its own, same values.
