@@ -159,6 +159,39 @@ def test_self_influence_outputs(tmp_path: Path) -> None:
     assert "examples" in result.output and "flagged" in result.output
 
 
+@pytest.mark.parametrize("strategy", ["ekfac", "exact"])
+def test_reused_model_ranks_with_the_probabilities_of_one_forward_pass(
+    tmp_path: Path, strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first run predicts after training; a second reuses the checkpoint and takes the
+    probabilities from the mislabel loop's forward pass: same table, accuracies from train.json."""
+    import influence_cli.app.model as model_stage
+    import influence_cli.app.scores as score_stage
+
+    cfg = write_config(tmp_path, table_config(tmp_path, influence={"strategy": strategy}))
+    first = invoke("self-influence", "-c", str(cfg))
+    assert first.exit_code == 0, first.output
+    out = tmp_path / "runs" / "tiny" / "self_influence.csv"
+    before = pd.read_csv(out)
+    predicted: list[int] = []
+
+    def counting(model, dataset, **kw):
+        predicted.append(len(dataset))
+        return real(model, dataset, **kw)
+
+    real = model_stage.predict_probs
+    monkeypatch.setattr(model_stage, "predict_probs", counting)
+    monkeypatch.setattr(score_stage, "predict_probs", counting)
+    second = invoke("self-influence", "-c", str(cfg))
+    assert second.exit_code == 0, second.output
+    assert predicted == []  # no separate prediction pass over either split
+    after = pd.read_csv(out)
+    assert list(after["index"]) == list(before["index"]) and list(after["predicted"]) == list(before["predicted"])
+    assert (after["label_prob"] - before["label_prob"]).abs().max() < 1e-6
+    accuracy = [line for line in first.output.splitlines() if "train accuracy" in line]
+    assert accuracy and accuracy[-1].split("train accuracy")[1] in second.output
+
+
 def test_score_command(tmp_path: Path) -> None:
     path = write_config(tmp_path, table_config(tmp_path))
     queries = tmp_path / "queries.csv"

@@ -106,14 +106,24 @@ def ready_state(
     session: Session, model: Any, checkpoint_hash: str, trained_now: bool = False, info: Optional[dict[str, Any]] = None,
 ) -> ModelState:
     """The ModelState of a model in eval mode: its predictions on both splits (kept for
-    the ranking) and accuracies."""
+    the ranking) and accuracies.
+
+    A reused checkpoint (``info`` from train.json, whose data fingerprint and checkpoint
+    hash were just verified) keeps the accuracies stored when it was trained and predicts
+    nothing now: the stage that needs the probabilities computes them (the mislabel loop
+    already runs every training example forward), so a command pays one pass, not two.
+    """
     data = session.data()
     model.eval()
+    info = info or {}
+    stored = (info.get("train_accuracy"), info.get("test_accuracy"))
+    if not trained_now and info.get("checkpoint_hash") == checkpoint_hash and None not in stored:
+        return ModelState(model, checkpoint_hash, False, float(stored[0]), float(stored[1]), info)
     train_probs = predict_probs(model, data.train)
     test_probs = predict_probs(model, data.test)
     train_acc = accuracy(train_probs, data.train.labels)
     test_acc = accuracy(test_probs, data.test.labels)
-    return ModelState(model, checkpoint_hash, trained_now, train_acc, test_acc, info or {},
+    return ModelState(model, checkpoint_hash, trained_now, train_acc, test_acc, info,
                       probs={"train": train_probs, "test": test_probs})
 
 

@@ -85,6 +85,9 @@ def members_mislabel_scores(
     for member, fstate in zip(members, fstates):
         warn_solver_limits(member.session, fstate.factors, per_example=True)
         terms = mislabel_terms_block(member.session, member.state.model, fstate.factors)
+        probabilities = terms.pop("probabilities")
+        if member.session.shard is None:  # the whole training set, in index order
+            member.state.probs.setdefault("train", probabilities.float())
         n = len(member.session.data().train)
         scores = mislabel_scores({k: v.double().numpy() for k, v in terms.items()}, n)
         total = scores if not total else {k: total[k] + v for k, v in scores.items()}

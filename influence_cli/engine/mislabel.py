@@ -73,13 +73,16 @@ def mislabel_terms(
     amp: str | None = None,
 ) -> dict[str, Tensor]:
     """Every example's A, B, C (see the module doc), ``loss`` ℓ(y), ``alternative_loss``
-    ℓ(y') and ``alternative`` y', in loader order → {name: (N,)}.
+    ℓ(y') and ``alternative`` y', in loader order → {name: (N,)}; and ``probabilities``
+    (N, C), the softmax of the same forward pass (float32, what ranking tables show).
 
     on_batch("self-influence", n) after each batch. Uses the given labels for y.
     """
     dev, bound = _bind(model, factors, device, loader, on_batch)
     capture = ActivationCapture(bound.modules, workspace=Workspace())
-    results: dict[str, list[Tensor]] = {name: [] for name in (*QUADRATIC_TERMS, "loss", "alternative_loss", "alternative")}
+    results: dict[str, list[Tensor]] = {
+        name: [] for name in (*QUADRATIC_TERMS, "loss", "alternative_loss", "alternative", "probabilities")
+    }
     whitening = bool(getattr(bound, "can_whiten", False))
     joint = hasattr(bound, "self_terms")
     terms = 2 if whitening or joint else len(QUADRATIC_TERMS)
@@ -111,6 +114,7 @@ def mislabel_terms(
             results["loss"].append(F.cross_entropy(wide, labels, reduction="none").cpu())
             results["alternative_loss"].append(F.cross_entropy(wide, alternative, reduction="none").cpu())
             results["alternative"].append(alternative.cpu())
+            results["probabilities"].append(torch.softmax(logits.detach().float(), dim=1).cpu())
             del logits, objectives
         n = int(labels.shape[0])
         rows += n
