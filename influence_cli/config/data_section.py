@@ -6,7 +6,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from influence_cli.config.types import Float, Int, Seed, Size, _Strict
+from influence_cli.config.types import Float, Int, Seed, Size, _Strict, check_factory
 
 class LabelNoiseConfig(_Strict):
     """Flip a fraction of the training labels on purpose, to evaluate detection."""
@@ -96,12 +96,7 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _paths_fit_source(self) -> "DataConfig":
         file_sources = {"image_folder", "csv_manifest", "table", "hf_dataset"}
-        if self.source == "factory" and not self.factory:
-            raise ValueError("source 'factory' needs data.factory: 'package.module:function'")
-        if self.factory and self.source != "factory":
-            raise ValueError("data.factory is set: also set data.source: factory")
-        if self.factory and ":" not in self.factory:
-            raise ValueError("data.factory must look like 'package.module:function'")
+        check_factory("data", "source", self.source, self.factory)
         if self.source in TORCHVISION_SOURCES and self.root is None:
             raise ValueError(
                 f"source '{self.source}' needs data.root: the folder holding the dataset "

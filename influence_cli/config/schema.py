@@ -19,7 +19,7 @@ from influence_cli.config.data_section import (  # noqa: F401  (re-exported: the
     LabelNoiseConfig,
     SyntheticConfig,
 )
-from influence_cli.config.types import MAX_SEED, Float, Int, Seed, Size, _not_bool, _Strict  # noqa: F401
+from influence_cli.config.types import MAX_SEED, Float, Int, Seed, Size, _not_bool, _Strict, check_factory  # noqa: F401
 
 DEFAULT_CONFIG = "digits-mlp"
 
@@ -71,12 +71,7 @@ class ModelConfig(_Strict):
             raise ValueError("arch 'hf' needs model.name_or_path: the folder of a saved Hugging Face model")
         if self.name_or_path and self.arch != "hf":
             raise ValueError("model.name_or_path is set: also set model.arch: hf")
-        if self.arch == "factory" and not self.factory:
-            raise ValueError("arch 'factory' needs model.factory: 'package.module:function'")
-        if self.factory and self.arch != "factory":
-            raise ValueError("model.factory is set: also set model.arch: factory")
-        if self.factory and ":" not in self.factory:
-            raise ValueError("model.factory must look like 'package.module:function'")
+        check_factory("model", "arch", self.arch, self.factory)
         return self
 
 

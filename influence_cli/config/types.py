@@ -30,3 +30,14 @@ Seed = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=MAX_SEED)]
 class _Strict(BaseModel):
     # allow_inf_nan=False: `lr: .inf` or `damping_factor: .nan` are refused at load time.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def check_factory(section: str, selector: str, chosen: str, factory: str | None) -> None:
+    """The pairing rule of every ``factory`` field (data.source / model.arch): the selector
+    names ``factory`` exactly when a ``'package.module:function'`` is given."""
+    if chosen == "factory" and not factory:
+        raise ValueError(f"{selector} 'factory' needs {section}.factory: 'package.module:function'")
+    if factory and chosen != "factory":
+        raise ValueError(f"{section}.factory is set: also set {section}.{selector}: factory")
+    if factory and ":" not in factory:
+        raise ValueError(f"{section}.factory must look like 'package.module:function'")
