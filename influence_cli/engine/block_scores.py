@@ -198,14 +198,14 @@ def _self_terms(
     # Where the A side is rotated per position (P < d_out, the flop rule of
     # kernels.rotated_per_example_grads) both gradients share that rotation: do it once.
     shared_a = op.q_a is not None and positions < op.d_out
-    q_a = None if shared_a else op.q_a
+    q_a, q_a_t = (None, None) if shared_a else (op.q_a, op.q_a_t)
     for start in range(0, n, step):
         rows = slice(start, start + step)
         a_rows = a[rows]
         if shared_a:
             a_rows = matmul_t(a_rows.reshape(-1, d_in), op.q_a_t).view(a_rows.shape[0], positions, d_in)
-        rotated = rotated_per_example_grads(a_rows, g[rows], q_a, op.q_s, ws, op.q_a_t if q_a is not None else None)
-        rotated_alt = rotated_per_example_grads(a_rows, g_alt[rows], q_a, op.q_s, ws_alt, op.q_a_t if q_a is not None else None)
+        rotated = rotated_per_example_grads(a_rows, g[rows], q_a, op.q_s, ws, q_a_t)
+        rotated_alt = rotated_per_example_grads(a_rows, g_alt[rows], q_a, op.q_s, ws_alt, q_a_t)
         k = rotated.shape[0]
         diff = rotated_alt - rotated
         for target, tensor in zip(out, (rotated, rotated_alt, diff)):

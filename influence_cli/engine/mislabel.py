@@ -88,16 +88,16 @@ def mislabel_terms(
     terms = 2 if whitening or joint else len(QUADRATIC_TERMS)
     pending: list[list] = [[] for _ in range(terms)]
 
-    def reduce() -> None:
+    def reduce(k: int | None = None) -> None:
+        """Score the gathered parts: every term (whitening: from two solves), or term k."""
         if whitening:
             z, z_alt = bound.whiten(pending[0]), bound.whiten(pending[1])
             for name, z_term in zip(QUADRATIC_TERMS, (z, z_alt, z_alt - z)):
                 results[name].append(z_term.square().sum(0).cpu().clone())
-        else:
-            for k, parts in enumerate(pending):
-                results[QUADRATIC_TERMS[k]].append(bound.self_scores(parts).cpu().clone())
-        for parts in pending:
-            parts.clear()
+        for j in (range(terms) if k is None else [k]):
+            if not whitening and pending[j]:
+                results[QUADRATIC_TERMS[j]].append(bound.self_scores(pending[j]).cpu().clone())
+            pending[j].clear()
 
     rows = 0
     for inputs, labels in iterate_batches(loader, dev):
@@ -122,17 +122,13 @@ def mislabel_terms(
         if joint:
             for name, value in zip(QUADRATIC_TERMS, bound.self_terms(captured[0], captured[1])):
                 results[name].append(value.cpu().clone())
-        elif whitening:  # flat parts are fresh tensors, kept until the chunk is solved
-            for k, layers in enumerate(captured):
-                pending[k].append(bound.self_part(layers))
-            if flush:
-                reduce()
         else:
             for k, layers in enumerate(captured):
                 pending[k].append(bound.self_part(layers))
-                if flush:  # before the next term's part, so reused buffers are consumed in order
-                    results[QUADRATIC_TERMS[k]].append(bound.self_scores(pending[k]).cpu().clone())
-                    pending[k] = []
+                if flush and not whitening:  # before the next term's part: reused buffers in order
+                    reduce(k)
+            if flush and whitening:  # flat parts are fresh tensors, kept until the chunk is solved
+                reduce()
         rows = 0 if flush else rows
         if on_batch is not None:
             on_batch("self-influence", n)

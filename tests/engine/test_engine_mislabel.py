@@ -76,9 +76,19 @@ def test_block_strategy_scores_match_definitions(block_setup, strategy):
     check(terms, definitions(g, g_alt, lambda v: v @ dense, loss, loss_alt, 57), 57)
 
 
-def test_exact_scores_match_definitions(setup):  # noqa: F811
+@pytest.mark.parametrize("whiten", [True, False], ids=["two-solves", "three-passes"])
+def test_exact_scores_match_definitions(setup, whiten, monkeypatch):  # noqa: F811
+    """Cholesky whitening (two solves) and the generic three-pass loop (what LiSSA and an
+    LU-factorised exact take) against the same dense definitions."""
+    from influence_cli.engine.solvers.exact import ExactSolver
+
     model, x, y = setup
     solver = fit_factors(model, batches(x, y, 6), "exact", damping=0.2, dtype=F64)
+    from influence_cli.engine.flat import FlatBound
+
+    if not whiten:
+        monkeypatch.setattr(ExactSolver, "can_whiten", property(lambda self: False))
+    monkeypatch.setattr(FlatBound, "chunk_rows", 7)  # several flushes plus a remainder
     terms = mislabel_terms(model, solver, batches(x, y, 5))
     k = dense_gn(model, x) + 0.2 * torch.eye(solver.num_params, dtype=F64)
     alt = reference_alternative(model, x, y)
