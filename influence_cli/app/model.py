@@ -84,7 +84,7 @@ def _ensure_model(session: Session, *, retrain: bool = False) -> ModelState:
             run.ensure()
             if problem is not None and meta is not None:
                 reporter.info(f"checkpoint in {run.root}: {problem}; retraining")
-            if session.member:
+            if config.influence.ensemble_size() > 1:
                 reporter.info(f"ensemble: training member {session.member + 1} of {config.influence.ensemble_size()}")
             stats = train_model(
                 model, data.train, config.train, seed=session.model_seed, device=device, reporter=reporter
